@@ -1,0 +1,70 @@
+# Every target sets up .venv first, so each works on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SCARLET := $(BIN)/scarlet
+STAMP  := $(VENV)/.installed
+BUILD  ?= build
+REPORTS ?= reports
+
+MODELS ?= scarlet_a scarlet_b scarlet_c
+MODEL  ?= efficientnet_lite0
+CKPT   ?=
+VAL_DIR ?=
+LIMIT  ?=
+BATCH  ?=
+
+ckpt_arg  = $(if $(CKPT),--checkpoint $(CKPT))
+val_arg   = $(if $(VAL_DIR),--val-dir $(VAL_DIR))
+limit_arg = $(if $(LIMIT),--limit $(LIMIT))
+
+.PHONY: setup export verify calib engine bench gpu-check test test-all clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+## make export [MODELS="scarlet_a ..."] [CKPT=path]: ONNX + manifest per model into build/
+export: setup
+	$(SCARLET) export-all --models $(MODELS) $(ckpt_arg) --out-dir $(BUILD)
+
+## make verify [MODEL=...] [CKPT=...] [VAL_DIR=...] [LIMIT=N]
+verify: setup
+	$(SCARLET) verify --model $(MODEL) $(ckpt_arg) --auto-onnx $(BUILD) $(val_arg) $(limit_arg) \
+	  --json $(REPORTS)/verify-$(MODEL).json --markdown $(REPORTS)/verify-$(MODEL).md
+
+## make calib [MODEL=...]: INT8 Q/DQ ONNX for onnxruntime and TensorRT
+calib: setup
+	$(SCARLET) calibrate-model --model $(MODEL) $(ckpt_arg) --out-dir $(BUILD) $(val_arg) \
+	  --report $(REPORTS)/calib-$(MODEL)
+
+## make engine [MODEL=...] [PRECISION=fp32|fp16|int8]: TensorRT plan (needs GPU + TensorRT 11)
+PRECISION ?= fp16
+engine: setup
+	$(SCARLET) engine --onnx $(BUILD)/$(MODEL).onnx --precision $(PRECISION) \
+	  $(if $(filter int8,$(PRECISION)),--int8-onnx $(BUILD)/$(MODEL).int8-trt.onnx) \
+	  --timing-cache $(BUILD)/timing.cache -o $(BUILD)/$(MODEL).$(PRECISION).plan
+
+## make bench: every backend side by side; writes reports/bench.{json,md,png}
+bench: setup
+	$(SCARLET) bench --build-dir $(BUILD) --json $(REPORTS)/bench.json \
+	  --markdown $(REPORTS)/bench.md --plot $(REPORTS)/bench.png
+
+## make gpu-check: TensorRT fp32/fp16/int8 engines for every model, verified and benchmarked
+gpu-check: setup
+	$(BIN)/python -m runtime.gpu_check --build-dir $(BUILD) $(val_arg) --report $(REPORTS)/gpu-check
+
+## make test: the suite CI runs (slow checks included, GPU checks skip on CPU)
+test: setup
+	$(BIN)/python -m pytest -q -rs
+
+## make test-fast: skip the checks marked slow
+test-fast: setup
+	$(BIN)/python -m pytest -q -rs -m "not slow"
+
+clean:
+	rm -rf $(BUILD) $(REPORTS)

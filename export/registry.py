@@ -1,0 +1,79 @@
+"""The model registry: the one place that says how each model is built and fed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch import nn
+
+from .errors import ScarletError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Shorter side to `resize` (bilinear), centre crop `crop`, RGB, /255, (x-mean)/std."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[[bool], nn.Module]
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    supports_let: bool = False
+    # Weights a package ships; None means "seeded, not pretrained" when no checkpoint is given.
+    default_checkpoint: Optional[Callable[[], str]] = None
+    paper_top1: Optional[float] = None
+    num_classes: int = 1000
+
+    def create(self, let: bool = False) -> nn.Module:
+        if let and not self.supports_let:
+            raise ScarletError(f"--let applies to SCARLET models only; {self.name} has no identity slots.")
+        return self.build(let).eval()
+
+
+def _scarlet(name: str) -> Callable[[bool], nn.Module]:
+    def build(let: bool) -> nn.Module:
+        from .scarlet import build_scarlet
+
+        return build_scarlet(name, let)
+
+    return build
+
+
+def _lite0(let: bool) -> nn.Module:
+    from .lite0 import EfficientNetLite0
+
+    return EfficientNetLite0()
+
+
+def _lite0_weights() -> str:
+    from .lite0 import shipped_checkpoint
+
+    return shipped_checkpoint()
+
+
+MODELS: dict[str, ModelSpec] = {
+    "scarlet_a": ModelSpec("scarlet_a", _scarlet("scarlet_a"), supports_let=True, paper_top1=76.9),
+    "scarlet_b": ModelSpec("scarlet_b", _scarlet("scarlet_b"), supports_let=True, paper_top1=76.3),
+    "scarlet_c": ModelSpec("scarlet_c", _scarlet("scarlet_c"), supports_let=True, paper_top1=75.6),
+    "efficientnet_lite0": ModelSpec(
+        "efficientnet_lite0", _lite0,
+        preprocess=Preprocess(mean=(0.498,) * 3, std=(0.502,) * 3),
+        default_checkpoint=_lite0_weights,
+    ),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ScarletError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}.") from None

@@ -1,0 +1,1 @@
+"""Run exported models: preprocessing, backends, verification, benchmarks, CLI."""

@@ -1,0 +1,47 @@
+"""`scarlet`: a thin command-line layer over the library.
+
+Each sub-command lives in the module that owns its work and exposes
+`register(subparsers)`; those modules import torch/onnx lazily so `--help` is fast.
+A ScarletError becomes a one-paragraph message and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import textwrap
+
+from export.errors import ScarletError
+
+COMMAND_MODULES = (
+    "export.cli",
+    "runtime.predict",
+    "runtime.verify",
+    "calib.cli",
+    "runtime.tensorrt_cli",
+    "runtime.bench",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scarlet", description="Deploy SCARLET-NAS classifiers: export, calibrate, verify, benchmark.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ScarletError as e:
+        print(textwrap.fill(f"error: {e}", width=100), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was left half-written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The two preprocessing pipelines, both driven by a model's registry `Preprocess`.
+
+- `reference`: the SCARLET-NAS evaluation transform (PIL, torchvision's Resize/CenterCrop
+  arithmetic), re-implemented so that torchvision is not a dependency. PyTorch parity is
+  measured on it.
+- `deploy`: OpenCV, what `predict` and the benchmarks use because it decodes and resizes
+  faster. `verify` reports how much it changes results (pipeline parity).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+
+from export.errors import ScarletError
+from export.registry import Preprocess
+
+
+class UnreadableImage(ScarletError):
+    pass
+
+
+def _resized_size(w: int, h: int, short: int) -> tuple[int, int]:
+    # torchvision.transforms.Resize(int): the short side becomes `short`, the long side truncates.
+    if w <= h:
+        return short, int(short * h / w)
+    return int(short * w / h), short
+
+
+def _crop_box(w: int, h: int, crop: int) -> tuple[int, int]:
+    # torchvision.transforms.CenterCrop offsets.
+    return int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
+
+
+def _normalise(rgb_hwc_uint8: np.ndarray, p: Preprocess) -> np.ndarray:
+    x = rgb_hwc_uint8.astype(np.float32) / 255.0
+    x = (x - np.asarray(p.mean, np.float32)) / np.asarray(p.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def reference(path: str | os.PathLike, p: Preprocess) -> np.ndarray:
+    """(3, crop, crop) float32 through PIL, as the SCARLET-NAS evaluation does."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # greyscale, CMYK, palette -> RGB
+            w, h = _resized_size(*im.size, p.resize)
+            im = im.resize((w, h), Image.BILINEAR)
+            left, top = _crop_box(w, h, p.crop)
+            im = im.crop((left, top, left + p.crop, top + p.crop))
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(f"{path}: not a readable image ({e})") from e
+    return _normalise(arr, p)
+
+
+def deploy(path: str | os.PathLike, p: Preprocess) -> np.ndarray:
+    """(3, crop, crop) float32 through OpenCV: decode, area/linear resize, centre crop."""
+    import cv2
+
+    data = np.fromfile(str(path), dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise UnreadableImage(f"{path}: not a readable image (OpenCV could not decode it)")
+    h, w = img.shape[:2]
+    nw, nh = _resized_size(w, h, p.resize)
+    interp = cv2.INTER_AREA if nw < w else cv2.INTER_LINEAR
+    img = cv2.resize(img, (nw, nh), interpolation=interp)
+    left, top = _crop_box(nw, nh, p.crop)
+    img = img[top:top + p.crop, left:left + p.crop, ::-1]  # BGR -> RGB
+    return _normalise(img, p)
+
+
+PIPELINES: dict[str, Callable[[str | os.PathLike, Preprocess], np.ndarray]] = {
+    "reference": reference,
+    "deploy": deploy,
+}
+
+
+def load_batch(paths: list, p: Preprocess, pipeline: str = "reference") -> np.ndarray:
+    fn = PIPELINES[pipeline]
+    return np.stack([fn(x, p) for x in paths])
