@@ -1,0 +1,157 @@
+"""Load a model with its weights: official checkpoints as they are, or seeded weights.
+
+A checkpoint is read with `weights_only=True`: loading one must never run code.
+Every way a checkpoint can be wrong ends in a ScarletError that says what to do.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .artifacts import sha256_file
+from .errors import ScarletError
+from .registry import MODELS, get_spec
+
+SEEDED = "seeded, not pretrained"
+WRAPPER_KEYS = ("model_state", "state_dict", "model")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    name: str
+    let: bool
+    pretrained: bool
+    checkpoint_sha256: str  # or SEEDED
+    source: str  # the checkpoint path, the package that shipped it, or SEEDED
+
+    def describe(self) -> str:
+        kind = "pretrained" if self.pretrained else "SEEDED WEIGHTS, NOT PRETRAINED"
+        return f"{self.name}{' +LET' if self.let else ''} [{kind}] from {self.source}"
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint: `{"model_state": sd}` (SCARLET-NAS release), a bare
+    state_dict, or either with DataParallel's `module.` prefix."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise ScarletError(f"checkpoint {path} does not exist; check the path (or omit --checkpoint for seeded weights).")
+    if os.path.isdir(path):
+        raise ScarletError(f"checkpoint {path} is a directory; pass the .pth/.pth.tar file inside it.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise ScarletError(f"checkpoint {path} holds Python objects besides tensors, and loading it could run code; "
+                               f"re-save just the state_dict: torch.save({{'model_state': model.state_dict()}}, path).") from None
+        raise ScarletError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({e}); download or save it again.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise ScarletError(f"checkpoint {path} cannot be read: it is truncated, corrupt or not a PyTorch checkpoint "
+                           f"({str(e).splitlines()[0][:160]}); download or save it again.") from None
+    for key in WRAPPER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ScarletError(f"checkpoint {path} holds no state_dict (expected tensors, or a dict with 'model_state'); "
+                           "save it with torch.save({'model_state': model.state_dict()}, path).")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+@lru_cache(maxsize=None)
+def _signature(name: str, let: bool) -> dict[str, tuple[int, ...]]:
+    model = MODELS[name].create(let)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def _variants() -> list[tuple[str, bool]]:
+    return [(n, let) for n, s in MODELS.items() for let in ((False, True) if s.supports_let else (False,))]
+
+
+def _label(name: str, let: bool) -> str:
+    return f"{name} with --let" if let else name
+
+
+def identify(sd: dict[str, torch.Tensor]) -> list[tuple[str, bool]]:
+    """Every registered model (and LET variant) whose parameter names and shapes match `sd`."""
+    sig = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    return [(n, let) for n, let in _variants() if _signature(n, let) == sig]
+
+
+def _mismatch_message(path: str, name: str, let: bool, sd: dict[str, torch.Tensor]) -> str:
+    matches = identify(sd)
+    if matches:
+        return (f"checkpoint {path} is not {_label(name, let)}: it matches {_label(*matches[0])}. "
+                f"Rerun with --model {matches[0][0]}{' --let' if matches[0][1] else ''}.")
+    want = _signature(name, let)
+    got = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    shapes = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    parts = [f"checkpoint {path} does not fit {_label(name, let)}"]
+    hint = _looks_like(got)
+    if hint:
+        parts.append(f"it looks like {hint}")
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]}: checkpoint {got[shapes[0]]}, model {want[shapes[0]]})")
+    return "; ".join(parts) + ". Check --model/--let, or that the file is the checkpoint you meant."
+
+
+def _looks_like(sig: dict[str, tuple[int, ...]]) -> Optional[str]:
+    if any(k.startswith("_blocks.") for k in sig):
+        return "an efficientnet_pytorch checkpoint (try --model efficientnet_lite0)"
+    slots = {int(k.split(".")[1]) for k in sig if k.startswith("mb_module.")}
+    if not slots:
+        return None
+    has_let = any(k.startswith("mb_module.") and k.split(".")[2] == "conv" for k in sig)
+    return f"a SCARLET network with {max(slots) + 1}+ slots{' and LET layers (add --let)' if has_let else ''}"
+
+
+def load_model(name: str, let: bool = False, checkpoint: str | os.PathLike | None = None, seed: int = 0) -> LoadedModel:
+    spec = get_spec(name)
+    model = spec.create(let)
+    if checkpoint is None and spec.default_checkpoint is not None:
+        checkpoint = spec.default_checkpoint()
+        source = f"{checkpoint} (shipped by a package)"
+    else:
+        source = str(checkpoint)
+    if checkpoint is None:
+        images, origin = _statistics_images(spec.preprocess, seed)
+        from .weights import realistic_weights_
+
+        realistic_weights_(model, images, seed=seed)
+        return LoadedModel(model.eval(), name, let, False, SEEDED, f"{SEEDED} (seed {seed}, BN statistics from {origin})")
+    sd = read_state_dict(checkpoint)
+    want = _signature(name, let)
+    got = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    if want != got:
+        raise ScarletError(_mismatch_message(str(checkpoint), name, let, sd))
+    model.load_state_dict(sd, strict=False)  # strictness checked above, num_batches_tracked optional
+    return LoadedModel(model.eval(), name, let, True, sha256_file(checkpoint), source)
+
+
+def _statistics_images(preprocess, seed: int) -> tuple[torch.Tensor, str]:
+    """Real photos where the shared ImageNet sample is at hand (activations then stay O(1)
+    on real data), else deterministic synthetic images."""
+    from runtime.images import default_val_dir, fixed_images
+    from runtime.preprocess import load_batch
+
+    from .weights import SYNTHETIC_IMAGES, synthetic_images
+
+    files = fixed_images(SYNTHETIC_IMAGES)
+    if files:
+        return torch.from_numpy(load_batch(files, preprocess)), f"{len(files)} images of {default_val_dir()}"
+    return synthetic_images(seed=seed), f"{SYNTHETIC_IMAGES} synthetic images"
