@@ -1,5 +1,91 @@
-"""Placeholder: the sub-command is being written."""
+"""`scarlet predict`: top-k ImageNet classes for a few images through an ONNX model."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.errors import ScarletError
 
 
-def register(sub) -> None:
-    pass
+@dataclass
+class Prediction:
+    image: str
+    top: list[tuple[int, str, float]]  # (class index, name, probability)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def model_for_onnx(onnx_path: str | Path, model: str | None = None) -> str:
+    """The registry model an ONNX was exported from (its manifest says), unless given."""
+    from export.artifacts import read_manifest
+
+    if model:
+        return model
+    manifest = read_manifest(onnx_path)
+    if not manifest or "model" not in manifest:
+        raise ScarletError(f"{onnx_path} has no manifest naming its model, so its preprocessing is unknown; pass --model NAME.")
+    return manifest["model"]
+
+
+def predict(onnx_path: str | Path, images: list[str], model: str | None = None, top: int = 5,
+            pipeline: str = "deploy") -> tuple[list[Prediction], list[tuple[str, str]]]:
+    """Predictions for the readable images, and (path, reason) for the skipped ones."""
+    from export.registry import get_spec
+
+    from . import classes
+    from .backends import OrtRunner
+    from .preprocess import PIPELINES, UnreadableImage
+
+    spec = get_spec(model_for_onnx(onnx_path, model))
+    tensors, kept, skipped = [], [], []
+    for path in images:
+        try:
+            tensors.append(PIPELINES[pipeline](path, spec.preprocess))
+            kept.append(path)
+        except UnreadableImage as e:
+            skipped.append((path, str(e)))
+        except OSError as e:
+            skipped.append((path, f"{path}: cannot be read ({e.strerror or e})"))
+    if not tensors:
+        return [], skipped
+    with OrtRunner(onnx_path) as runner:
+        probs = softmax(runner.infer(np.stack(tensors)))
+    out = []
+    for path, p in zip(kept, probs):
+        idx = np.argsort(-p)[:top]
+        out.append(Prediction(path, [(int(i), classes.name(int(i)), float(p[i])) for i in idx]))
+    return out, skipped
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-5 ImageNet classes for images through an ONNX model")
+    p.add_argument("--onnx", required=True)
+    p.add_argument("--model", help="registry model name (default: from the ONNX manifest)")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("images", nargs="+")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    preds, skipped = predict(args.onnx, args.images, args.model, args.top)
+    if args.json:
+        print(json.dumps({"predictions": [asdict(p) for p in preds],
+                          "skipped": [{"image": i, "reason": r} for i, r in skipped]}, indent=2))
+    else:
+        for p in preds:
+            print(p.image)
+            for i, name, prob in p.top:
+                print(f"  {prob:7.2%}  {name} ({i})")
+        for _, reason in skipped:
+            print(f"skipped {reason}", file=sys.stderr)
+    return 0 if preds else 2
