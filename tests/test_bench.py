@@ -1,0 +1,246 @@
+"""scarlet bench: MAC counting, statistics, interleaving, reports. No test asserts a speed."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from export.errors import ScarletError
+from runtime import bench
+from runtime.flops import count_macs
+from runtime.ort import OrtOptions
+
+
+# ---------------------------------------------------------------- tiny models
+
+def _tiny_graph(dynamic: bool = True) -> onnx.ModelProto:
+    """Conv 3->4 (3x3, pad 1) on 8x8, depthwise 3x3 stride 2, flatten, Gemm 64->10, MatMul 10->5."""
+    rng = np.random.default_rng(0)
+    w = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(w(4, 3, 3, 3), "w1"), numpy_helper.from_array(w(4, 1, 3, 3), "w2"),
+             numpy_helper.from_array(w(64, 10), "w3"), numpy_helper.from_array(w(10), "b3"),
+             numpy_helper.from_array(w(10, 5), "w4")]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], group=4),
+        helper.make_node("Flatten", ["c2"], ["f"]),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["g"]),
+        helper.make_node("MatMul", ["g", "w4"], ["logits"]),
+    ]
+    n = "N" if dynamic else 1
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [n, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [n, 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# by hand: each output element is one dot product over (Cin/groups * kernel) or K
+TINY_MACS = {"Conv": 4 * 8 * 8 * (3 * 3 * 3) + 4 * 4 * 4 * (1 * 3 * 3), "Gemm": 64 * 10, "MatMul": 10 * 5}
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    """build/ holding a tiny ONNX under a registry model name, as `make export` would lay it out."""
+    import torch
+
+    d = tmp_path_factory.mktemp("build")
+    model = _TinyNet().eval()
+    torch.onnx.export(model, torch.zeros(1, 3, 16, 16), str(d / "scarlet_a.onnx"), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    return d
+
+
+def _TinyNet():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+# ---------------------------------------------------------------- MACs
+
+def test_macs_match_hand_count():
+    r = count_macs(_tiny_graph())
+    assert r.by_op == TINY_MACS
+    assert r.macs == sum(TINY_MACS.values())
+    assert r.flops == 2 * r.macs
+    assert r.nodes == 4 and r.uncounted == []
+
+
+def test_macs_are_per_image_whatever_the_batch(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    onnx.save(_tiny_graph(), path)
+    assert count_macs(path, batch=4).macs == count_macs(path).macs == count_macs(_tiny_graph(dynamic=False)).macs
+
+
+def test_macs_do_not_change_the_callers_model():
+    m = _tiny_graph()
+    count_macs(m)
+    assert not m.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+
+
+def test_macs_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ScarletError, match="does not exist"):
+        count_macs(tmp_path / "nope.onnx")
+
+
+def test_peak_is_positive_and_described():
+    from runtime.peak import measure_peak
+
+    p = measure_peak(seconds=0.01, n=128, threads=1)
+    assert p.gflops > 0 and p.threads == 1 and "128x128" in p.method
+
+
+# ---------------------------------------------------------------- statistics
+
+def test_cell_stats_percentiles_throughput_spread():
+    s = bench.CellStats.from_rounds([[0.1, 0.1], [0.2, 0.2]], batch=2)
+    assert s.calls == 4
+    assert s.p50_ms == pytest.approx(150.0)
+    assert s.p90_ms == pytest.approx(200.0) and s.p99_ms == pytest.approx(200.0)
+    assert s.mean_ms == pytest.approx(150.0)
+    assert s.throughput_rounds == pytest.approx([20.0, 10.0])  # 2 images per 0.1 s, per 0.2 s
+    assert s.throughput == pytest.approx(15.0)
+    assert s.spread_pct == pytest.approx(100 * 10 / 15)
+
+
+def test_percentiles_interpolate():
+    s = bench.CellStats.from_rounds([[i / 1000 for i in range(1, 101)]], batch=1)  # 1..100 ms
+    assert s.p50_ms == pytest.approx(50.5)
+    assert s.p90_ms == pytest.approx(90.1)
+    assert s.p99_ms == pytest.approx(99.01)
+
+
+def test_cell_stats_rejects_empty_round():
+    with pytest.raises(ValueError):
+        bench.CellStats.from_rounds([[0.1], []], batch=1)
+
+
+def test_paired_ratio_is_round_by_round():
+    r = bench.paired_ratio([10, 20, 30], [5, 5, 10])  # 2x, 4x, 3x
+    assert (r.median, r.low, r.high) == (3.0, 2.0, 4.0)
+    assert r.text() == "3.00 (2.00-4.00)"
+    with pytest.raises(ValueError):
+        bench.paired_ratio([1, 2], [1])
+
+
+def test_round_orders_rotate_every_backend_through_every_position():
+    orders = bench.round_orders(["a", "b", "c"], 3)
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+
+
+def test_measure_interleaved_excludes_warmup_and_interleaves():
+    log = []
+
+    def fake(name):
+        def call():
+            log.append(name)
+            return [0.001]
+        return call
+
+    rounds = bench.measure_interleaved({"a": fake("a"), "b": fake("b")}, repeats=2, seconds=1e-9, warmup_s=0,
+                                       min_calls=3)
+    assert log == ["a"] * 2 + ["b"] * 2 + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3  # warm-up, then A B, B A
+    assert {k: [len(r) for r in v] for k, v in rounds.items()} == {"a": [3, 3], "b": [3, 3]}
+
+
+def test_config_rejects_bad_input():
+    with pytest.raises(ScarletError, match="unknown backend"):
+        bench.BenchConfig(models=["scarlet_a"], backends=["tensorflow"])
+    with pytest.raises(ScarletError, match="unknown model"):
+        bench.BenchConfig(models=["resnet50"])
+    with pytest.raises(ScarletError, match="batch"):
+        bench.BenchConfig(models=["scarlet_a"], batches=[0])
+
+
+# ---------------------------------------------------------------- a whole run on a tiny model
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_build, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setattr(bench, "torch_model", lambda name, channels_last, trained=True: _TinyNet().eval())
+    cfg = bench.BenchConfig(models=["scarlet_a"], batches=[1, 2], threads=1, build_dir=tiny_build, repeats=2,
+                            seconds=0.01, warmup_s=0, memory=False, peak_seconds=0.01,
+                            reports_dir=tmp_path_factory.mktemp("reports"))
+    mp.setattr("runtime.peak.measure_peak",
+               lambda seconds, threads: __import__("runtime.peak", fromlist=["Peak"]).Peak(50.0, 8, threads, seconds, "fake"))
+    try:
+        yield bench.run_bench(cfg)
+    finally:
+        mp.undo()
+
+
+def test_run_measures_every_available_backend_and_says_why_others_not(tiny_run):
+    got = {(r["backend"], r["batch"]) for r in tiny_run["results"]}
+    assert got == {("torch", 1), ("ort", 1), ("torch", 2), ("ort", 2)}
+    skipped = tiny_run["models"]["scarlet_a"]["skipped"]
+    assert set(skipped) == {"ort-int8", "trt-fp32", "trt-fp16", "trt-int8"}
+    assert "make calib MODEL=scarlet_a" in skipped["ort-int8"]
+    assert all(why for why in skipped.values())
+
+
+def test_run_rows_carry_ratios_work_and_sizes(tiny_run):
+    macs = tiny_run["models"]["scarlet_a"]["macs"]["macs"]
+    assert macs == 8 * 16 * 16 * 27 + 8 * 10
+    for r in tiny_run["results"]:
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert len(r["throughput_rounds"]) == 2
+        assert r["gflops"] == pytest.approx(2 * macs * r["throughput"] / 1e9)
+        assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / 50.0)
+        assert r["size_mb"] > 0
+        if r["backend"] == "torch":
+            assert r["vs_torch"] == {"median": 1.0, "low": 1.0, "high": 1.0}
+        lo, med, hi = r["vs_ort"]["low"], r["vs_ort"]["median"], r["vs_ort"]["high"]
+        assert lo <= med <= hi
+    json.dumps(tiny_run)  # the JSON report must serialise as is
+
+
+def test_markdown_table_has_one_row_per_measurement(tiny_run):
+    md = bench.render_markdown(tiny_run)
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert table[0] == "| " + " | ".join(bench.TABLE_HEADERS) + " |"
+    assert len(table) == 1 + len(tiny_run["results"])
+    assert all(ln.count("|") == len(bench.TABLE_HEADERS) + 1 for ln in table)
+    assert tiny_run["environment"]["date"] in md and "Not measured:" in md
+    assert "| scarlet_a | ORT FP32 | 2 |" in md
+
+
+def test_plot_writes_a_png(tiny_run, tmp_path):
+    out = tmp_path / "bench.png"
+    bench.plot(tiny_run, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_adds_accuracy_panel_when_verify_results_exist(tiny_run, tmp_path):
+    data = json.loads(json.dumps(tiny_run))
+    data["models"]["scarlet_a"]["accuracy"] = {"torch": 0.75, "ort": 0.75}
+    bench.plot(data, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_memory_probe_reports_peak_growth_per_batch(tiny_build):
+    cfg = bench.BenchConfig(models=["scarlet_a"], batches=[1, 4], threads=1, build_dir=tiny_build)
+    art = bench.Artifact("ort", tiny_build / "scarlet_a.onnx", 0.0)
+    m = bench.measure_memory("scarlet_a", "ort", art, cfg, size=16)
+    assert set(m["peak_mb"]) == {"1", "4"}, m
+    assert 0 <= m["peak_mb"]["1"] <= m["peak_mb"]["4"] < 500
+
+
+def test_tune_tries_the_grid_and_names_a_winner(tiny_build):
+    cfg = bench.BenchConfig(models=["scarlet_a"], threads=1, build_dir=tiny_build)
+    t = bench.tune_ort(tiny_build / "scarlet_a.onnx", 1, cfg, repeats=1, seconds=0.001, warmup_s=0)
+    assert len(t["grid"]) == len(bench.tune_grid(1))
+    assert t["winner"] == t["grid"][0]["options"]
+    assert OrtOptions(**t["winner"]) in bench.tune_grid(1)
+    assert t["gain_over_default"] >= 1.0
+
+
+def test_cli_bad_backend_exits_2(capsys):
+    from runtime.cli import main
+
+    assert main(["bench", "--models", "scarlet_a", "--backends", "ort,nope"]) == 2
+    assert "unknown backend" in capsys.readouterr().err
