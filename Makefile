@@ -42,12 +42,12 @@ calib: setup
 	$(SCARLET) calibrate-model --model $(MODEL) $(ckpt_arg) --out-dir $(BUILD) $(val_arg) \
 	  --report $(REPORTS)/calib-$(MODEL)
 
-## make engine [MODEL=...] [PRECISION=fp32|fp16|int8]: TensorRT plan (needs GPU + TensorRT 11)
+## make engine [MODEL=...] [PRECISION=fp32|fp16|int8] [BATCH=MIN,OPT,MAX]: TensorRT plan (needs GPU + TensorRT 11)
 PRECISION ?= fp16
 engine: setup
 	$(SCARLET) engine --onnx $(BUILD)/$(MODEL).onnx --precision $(PRECISION) \
 	  $(if $(filter int8,$(PRECISION)),--int8-onnx $(BUILD)/$(MODEL).int8-trt.onnx) \
-	  --timing-cache $(BUILD)/timing.cache -o $(BUILD)/$(MODEL).$(PRECISION).plan
+	  $(if $(BATCH),--batch $(BATCH)) --timing-cache $(BUILD)/timing.cache -o $(BUILD)/$(MODEL).$(PRECISION).plan
 
 ## make bench: every backend side by side; writes reports/bench.{json,md,png}
 bench: setup
