@@ -1,5 +1,79 @@
-"""Placeholder: the sub-command is being written."""
+"""`scarlet calibrate` (one ONNX, one target) and `scarlet calibrate-model` (what `make calib` runs)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-images", type=int, default=512, help="calibration images, sampled across classes (default 512)")
+    p.add_argument("--method", default="percentile", choices=("minmax", "percentile", "entropy", "mse"),
+                   help="range method (default percentile: clip at the 99.99th percentile of |x|)")
+    p.add_argument("--max-top1-drop", type=float, default=None,
+                   help="keep the most sensitive layers in float until top-1 drops at most this many points")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="...and until top-1 agrees with FP32 on at least this percent of evaluation images")
+    p.add_argument("--num-eval", type=int, default=None, help="evaluate on at most this many images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-compare", action="store_true", help="skip the comparison of all methods")
+    p.add_argument("--bench-rounds", type=int, default=0,
+                   help="also time FP32 vs INT8 at batch 8, interleaved, this many rounds")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: physical cores)")
 
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser("calibrate", help="INT8 Q/DQ ONNX from a float ONNX and calibration images")
+    p.add_argument("--onnx", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True, help="calibration images: <wnid>/*.JPEG folders")
+    p.add_argument("--eval-dir", type=Path, default=None,
+                   help="evaluation images (default: --images minus the calibration images)")
+    p.add_argument("--target", default="ort", choices=("ort", "trt"))
+    p.add_argument("--cache", type=Path, default=None, help="calibration cache: reused when it matches, written otherwise")
+    p.add_argument("--model", default=None, help="registry model name, when the ONNX has no manifest")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--report", default=None, metavar="PREFIX", help="write PREFIX.json and PREFIX.md")
+    _common(p)
+    p.set_defaults(func=run)
+
+    m = sub.add_parser("calibrate-model", help="INT8 ONNX for onnxruntime and TensorRT from build/<model>.onnx (make calib)")
+    m.add_argument("--model", required=True)
+    m.add_argument("--checkpoint", default=None, help="weights to export with when build/<model>.onnx is missing")
+    m.add_argument("--out-dir", type=Path, default=Path("build"))
+    m.add_argument("--val-dir", type=Path, default=None, help="images (default: the shared ImageNet sample)")
+    m.add_argument("--targets", nargs="+", default=["ort", "trt"], choices=("ort", "trt"))
+    m.add_argument("--report", default=None, metavar="PREFIX")
+    _common(m)
+    m.set_defaults(func=run_model, num_images=200, max_top1_drop=0.3, min_agreement=97.0, bench_rounds=10)
+
+
+def _config(args, **kw):
+    from calib.pipeline import CalibConfig
+
+    return CalibConfig(num_images=args.num_images, method=args.method, max_top1_drop=args.max_top1_drop,
+                       min_agreement=args.min_agreement, num_eval=args.num_eval, seed=args.seed,
+                       compare_methods=not args.no_compare, bench_rounds=args.bench_rounds, threads=args.threads, **kw)
+
+
+def _summary(res) -> str:
+    a = res.int8
+    acc = f"top-1 {a.top1:.2f} %, agreement {a.agreement:.2f} %" if a and a.top1 is not None else "not evaluated"
+    return f"{res.output} ({res.target}, {res.method}): {acc}; kept in float: {len(res.manifest['nodes_kept_float'])} layers"
+
+
+def run(args) -> int:
+    from calib.pipeline import calibrate
+
+    cfg = _config(args, onnx=args.onnx, images=args.images, output=args.output, target=args.target,
+                  eval_dir=args.eval_dir, cache=args.cache, model=args.model, report=args.report)
+    _, res = calibrate(cfg)
+    print(_summary(res))
+    return 0
+
+
+def run_model(args) -> int:
+    from calib.model import calibrate_model
+
+    for res in calibrate_model(args.model, args.out_dir, args.val_dir, args.targets, args.report,
+                               args.checkpoint, _config(args, onnx=Path(), images=Path(), output=Path())):
+        print(_summary(res))
+    return 0

@@ -1,0 +1,83 @@
+"""Calibration cache (tensor ranges plus what produced them) and TensorRT's calibration-table text."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from export.artifacts import write_bytes_atomic, write_json_atomic
+from export.errors import ScarletError
+
+FORMAT = "scarlet-calib-cache/1"
+# NV_TENSORRT_VERSION of the TensorRT this project targets (11.4.0 -> major*10000 + minor*100 + patch),
+# used in the table header when TensorRT itself is not installed here.
+DEFAULT_TRT_VERSION = "11.4.0"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Everything that determines the ranges; a cache is reused only when all of it matches."""
+
+    model: str
+    onnx_sha256: str
+    method: str
+    target: str
+    seed: int
+    images: tuple[str, ...]
+
+
+def save(path: str | os.PathLike, prov: Provenance, ranges: dict[str, tuple[float, float]]) -> None:
+    write_json_atomic(path, {"format": FORMAT, **asdict(prov),
+                             "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()}})
+
+
+def load(path: str | os.PathLike, want: Provenance) -> dict[str, tuple[float, float]]:
+    """The cached ranges, or a ScarletError saying what differs (a stale cache is never used)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ScarletError(f"calibration cache {path} is unreadable ({e}); delete it and calibrate again.") from e
+    if data.get("format") != FORMAT:
+        raise ScarletError(f"{path} is not a scarlet calibration cache (format {data.get('format')!r}); "
+                           f"pass another --cache path or delete the file.")
+    have = {k: data.get(k) for k in asdict(want)}
+    have["images"] = tuple(have["images"] or ())
+    diffs = []
+    for k, v in asdict(want).items():
+        if have[k] != v:
+            shown = f"{len(have[k])} images vs {len(v)}" if k == "images" else f"{have[k]!r}, this run {v!r}"
+            diffs.append(f"{k} (cache {shown})" if k != "images" else f"calibration images ({shown}, or another selection)")
+    if diffs:
+        what = "another model" if "onnx_sha256" in " ".join(diffs) else "other settings"
+        raise ScarletError(f"calibration cache {path} was made for {what}: {'; '.join(diffs)}. Its ranges do not apply; "
+                           f"delete it or pass another --cache path to calibrate afresh.")
+    return {k: (float(v[0]), float(v[1])) for k, v in data["ranges"].items()}
+
+
+def trt_version() -> str:
+    try:
+        import tensorrt  # noqa: F401
+
+        return tensorrt.__version__
+    except Exception:  # not installed here (CPU machines): the project's target version
+        return DEFAULT_TRT_VERSION
+
+
+def trt_table_text(ranges: dict[str, tuple[float, float]], method: str, version: str | None = None) -> str:
+    """TensorRT's calibration cache: a `TRT-<NV_TENSORRT_VERSION>-<Algorithm>` line, then
+    `tensor: <scale as big-endian float32 hex>` per tensor, scale = amax / 127 (symmetric INT8).
+    TensorRT only knew entropy and min/max calibrators; the other methods are labelled with
+    EntropyCalibration2, the algorithm TensorRT's own INT8 path defaulted to."""
+    major, minor, patch = (int(p) for p in (version or trt_version()).split(".")[:3])
+    algo = "MinMaxCalibration" if method == "minmax" else "EntropyCalibration2"
+    lines = [f"TRT-{major * 10000 + minor * 100 + patch}-{algo}"]
+    for name in sorted(ranges):
+        amax = max(abs(ranges[name][0]), abs(ranges[name][1]))
+        lines.append(f"{name}: {struct.pack('>f', amax / 127.0).hex()}")
+    return "\n".join(lines) + "\n"
+
+
+def write_trt_table(path: str | os.PathLike, ranges: dict[str, tuple[float, float]], method: str) -> None:
+    write_bytes_atomic(path, trt_table_text(ranges, method).encode())

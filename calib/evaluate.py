@@ -1,0 +1,62 @@
+"""Accuracy of a float or Q/DQ ONNX on labelled images, and a quick interleaved speed check."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    images: int
+    top1: float | None  # percent; None without labels
+    top5: float | None
+    agreement: float | None = None  # percent of images whose top-1 equals the float model's
+    logits_rmse: float | None = None  # vs the float model, relative to the float logits' RMS
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def logits(onnx_path: str | os.PathLike, images: np.ndarray, batch: int = 16, threads: int | None = None) -> np.ndarray:
+    from runtime.backends import OrtRunner
+    from runtime.ort import OrtOptions
+
+    with OrtRunner(onnx_path, options=OrtOptions(threads=threads)) as r:
+        return np.concatenate([r.infer(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def accuracy(out: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None = None) -> Accuracy:
+    top1 = top5 = agree = rmse = None
+    if labels is not None and np.all(labels >= 0):
+        top = np.argsort(-out, axis=1)[:, :5]
+        top1 = 100.0 * float(np.mean(top[:, 0] == labels))
+        top5 = 100.0 * float(np.mean(np.any(top == labels[:, None], axis=1)))
+    if reference is not None:
+        agree = 100.0 * float(np.mean(out.argmax(1) == reference.argmax(1)))
+        rmse = float(np.sqrt(np.mean((out - reference) ** 2)) / max(np.sqrt(np.mean(reference ** 2)), 1e-12))
+    return Accuracy(len(out), top1, top5, agree, rmse)
+
+
+def side_by_side_throughput(paths: dict[str, str | os.PathLike], batch: int = 8, rounds: int = 10,
+                            threads: int | None = None, seed: int = 0) -> dict[str, float]:
+    """Images/s per model, measured interleaved (A, B, A, B, ...) so that load from other users
+    of a shared machine hits every model alike; the median of `rounds` timings per model."""
+    from runtime.backends import OrtRunner
+    from runtime.ort import OrtOptions
+
+    x = np.random.default_rng(seed).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    runners = {k: OrtRunner(p, options=OrtOptions(threads=threads)).load() for k, p in paths.items()}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for r in runners.values():  # warm-up: first runs allocate and pick kernels
+        r.infer(x)
+    for _ in range(rounds):
+        for k, r in runners.items():
+            t0 = time.perf_counter()
+            r.infer(x)
+            times[k].append(time.perf_counter() - t0)
+    for r in runners.values():
+        r.close()
+    return {k: batch / float(np.median(v)) for k, v in times.items()}

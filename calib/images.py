@@ -1,0 +1,90 @@
+"""Which images calibrate and which evaluate: a seeded, class-spread, disjoint split."""
+from __future__ import annotations
+
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.errors import ScarletError
+from export.registry import Preprocess
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    calib: tuple[Path, ...]
+    eval: tuple[Path, ...]
+
+
+def _images(root: str | os.PathLike) -> list[Path]:
+    from runtime.images import list_images
+
+    if not Path(root).is_dir():
+        raise ScarletError(f"image directory {root} does not exist; pass --images DIR with ImageNet-style <wnid>/*.JPEG folders.")
+    files = list_images(root)
+    if not files:
+        raise ScarletError(f"{root} holds no images (.jpeg/.jpg/.png/...); pass a folder of <wnid>/ sub-folders.")
+    return files
+
+
+def sample_across_classes(files: list[Path], n: int, seed: int) -> list[Path]:
+    """`n` files taken round-robin over the class folders (shuffled with `seed`), so a small
+    calibration set still covers as many classes as it can. Returned sorted."""
+    by_class: dict[str, list[Path]] = defaultdict(list)
+    for f in sorted(files):
+        by_class[f.parent.name].append(f)
+    rng = random.Random(seed)
+    classes = sorted(by_class)
+    rng.shuffle(classes)
+    for c in classes:
+        rng.shuffle(by_class[c])
+    picked: list[Path] = []
+    depth = 0
+    while len(picked) < n and any(len(v) > depth for v in by_class.values()):
+        picked += [by_class[c][depth] for c in classes if len(by_class[c]) > depth][: n - len(picked)]
+        depth += 1
+    return sorted(picked)
+
+
+def split_images(images: str | os.PathLike, num_calib: int, seed: int = 0,
+                 eval_dir: str | os.PathLike | None = None, num_eval: int | None = None) -> ImageSplit:
+    """Calibration images sampled from `images`; evaluation images from `eval_dir` (default: the same
+    folder) with every calibration file removed, so the two sets never overlap."""
+    files = _images(images)
+    if num_calib < 1:
+        raise ScarletError(f"--num-images must be at least 1 (got {num_calib}).")
+    calib = sample_across_classes(files, min(num_calib, len(files)), seed)
+    taken = {p.resolve() for p in calib}
+    pool = _images(eval_dir) if eval_dir is not None else files
+    evals = [p for p in pool if p.resolve() not in taken]
+    if num_eval is not None:
+        evals = sample_across_classes(evals, num_eval, seed)
+    return ImageSplit(tuple(calib), tuple(evals))
+
+
+def labels(paths: list[Path] | tuple[Path, ...]) -> np.ndarray:
+    """Class index per image from its folder's wnid via the canonical list; -1 where the folder is no wnid."""
+    from runtime.classes import wnid_to_index
+
+    index = wnid_to_index()
+    return np.array([index.get(p.parent.name, -1) for p in paths], dtype=np.int64)
+
+
+def load(paths: list[Path] | tuple[Path, ...], preprocess: Preprocess, what: str = "images") -> np.ndarray:
+    """(N, 3, crop, crop) float32 through the reference pipeline (the one PyTorch parity is measured on)."""
+    from tqdm import tqdm
+
+    from runtime.preprocess import reference
+
+    out = np.empty((len(paths), 3, preprocess.crop, preprocess.crop), np.float32)
+    for i, p in enumerate(tqdm(paths, desc=f"reading {what}", unit="img", leave=False, disable=len(paths) < 64)):
+        out[i] = reference(p, preprocess)
+    return out
+
+
+def relative_names(paths: list[Path] | tuple[Path, ...]) -> list[str]:
+    """`wnid/file.JPEG`: what reports and caches record (stable across checkouts)."""
+    return [f"{p.parent.name}/{p.name}" for p in paths]

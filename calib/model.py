@@ -1,0 +1,44 @@
+"""`make calib`: both targets for one registry model, from build/<model>.onnx (exported when missing)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from export.errors import ScarletError
+
+from . import pipeline
+
+OUTPUT_SUFFIX = {"ort": ".int8.onnx", "trt": ".int8-trt.onnx"}
+
+
+def ensure_onnx(model: str, out_dir: Path, checkpoint: str | None) -> Path:
+    onnx = Path(out_dir) / f"{model}.onnx"
+    if not onnx.exists():
+        from export.onnx_export import ExportConfig, export_model
+
+        export_model(ExportConfig(model=model, checkpoint=checkpoint, output=onnx))
+    return onnx
+
+
+def calibrate_model(model: str, out_dir: Path, val_dir: Path | None, targets: list[str], report: str | None,
+                    checkpoint: str | None, base: pipeline.CalibConfig) -> list[pipeline.CalibResult]:
+    from runtime.images import default_val_dir
+
+    images = val_dir or default_val_dir()
+    if images is None:
+        raise ScarletError("no images to calibrate with: the shared ImageNet sample is not beside this checkout; "
+                           "pass --val-dir DIR (make calib VAL_DIR=DIR) or set $SCARLET_VAL_DIR.")
+    onnx = ensure_onnx(model, out_dir, checkpoint)
+    bench = pipeline.prepare(onnx, images, base.num_images, base.seed, None, base.num_eval, model,
+                             base.sensitivity_images, base.threads)
+    results = []
+    for t in targets:
+        cfg = dataclasses.replace(base, onnx=onnx, images=images, target=t,
+                                  output=Path(out_dir) / f"{model}{OUTPUT_SUFFIX[t]}",
+                                  cache=Path(out_dir) / f"{model}.{t}.{base.method}.calib.json", refresh_stale_cache=True,
+                                  # CPU timing means nothing for the TensorRT model
+                                  bench_rounds=base.bench_rounds if t == "ort" else 0)
+        results.append(pipeline.calibrate_target(bench, cfg))
+    if report:
+        pipeline.write_report(report, bench, results)
+    return results

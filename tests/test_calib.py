@@ -1,0 +1,172 @@
+"""INT8 calibration: ranges, caches, Q/DQ placement per target, reproducibility."""
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calib import cache, images, qdq, ranges, stats
+from export.errors import ScarletError
+
+
+def _tiny_onnx(path: Path) -> Path:
+    """Conv -> Relu -> Conv -> Add(residual) -> GlobalAveragePool -> Flatten -> Gemm, dynamic batch, opset 17."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = lambda name, *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)  # noqa: E731
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2"),
+        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
+        helper.make_node("GlobalAveragePool", ["a"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [w("w1", 8, 3, 3, 3), w("b1", 8), w("w2", 8, 8, 1, 1), w("b2", 8), w("wf", 10, 8), w("bf", 10)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, dict]:
+    path = _tiny_onnx(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+    x = np.random.default_rng(1).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    return path, stats.collect(path, x, batch=8, threads=1)
+
+
+def _initializers(model) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def test_trt_target_is_symmetric_int8_per_channel_at_weighted_inputs(tiny, tmp_path):
+    import onnx
+
+    path, st = tiny
+    out = tmp_path / "tiny.int8-trt.onnx"
+    target = qdq.get_target("trt")
+    qdq.quantize(path, ranges.compute_ranges(st, "percentile", target.symmetric), target, out)
+    model = onnx.load(out)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    inits = _initializers(model)
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert qs and dqs
+    for n in qs + dqs:
+        zp = inits[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any(), f"{n.name}: zero point must be INT8 0"
+    weights = [n for n in dqs if n.input[0] in inits and inits[n.input[0]].ndim > 1]
+    assert {n.output[0] for n in weights}, "weights must be dequantised from INT8"
+    for n in weights:
+        scale, w = inits[n.input[1]], inits[n.input[0]]
+        assert scale.ndim == 1 and scale.size == w.shape[0] > 1, f"{n.name}: per-channel weight scales expected"
+    by_output = {o: n for n in model.graph.node for o in n.output}
+    # Every weighted layer reads Q/DQ'd activations; outputs of weighted layers are not quantised.
+    for n in model.graph.node:
+        if n.op_type in ("Conv", "Gemm"):
+            assert by_output[n.input[0]].op_type == "DequantizeLinear"
+            assert by_output[n.input[1]].op_type == "DequantizeLinear"
+            assert len(n.input) < 3 or n.input[2] in inits and inits[n.input[2]].dtype == np.float32, "bias stays float"
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    kinds = sorted(by_output[i].op_type for i in add.input)
+    assert kinds == ["Conv", "DequantizeLinear"], "only the residual input of the Add is quantised (Conv+Add fusion)"
+    # no INT8 elsewhere: every DequantizeLinear feeds a Conv, Gemm or Add
+    consumers = {i: n.op_type for n in model.graph.node for i in n.input}
+    assert {consumers[n.output[0]] for n in dqs} <= {"Conv", "Gemm", "Add"}
+
+
+def test_ort_target_uses_uint8_activations_and_int8_weights(tiny, tmp_path):
+    import onnx
+
+    path, st = tiny
+    target = qdq.get_target("ort")
+    out = tmp_path / "tiny.int8.onnx"
+    qdq.quantize(path, ranges.compute_ranges(st, "percentile", target.symmetric), target, out)
+    model = onnx.load(out)
+    inits = _initializers(model)
+    act = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert act and all(z.dtype == np.uint8 for z in act)
+    assert any(inits[n.input[0]].dtype == np.int8 for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in inits)
+    assert model.graph.node[-1].op_type == "Gemm", "logits stay float"
+
+
+def _provenance(**kw) -> cache.Provenance:
+    base = dict(model="scarlet_a", onnx_sha256="a" * 64, method="percentile", target="ort", seed=0,
+                images=("n01440764/x.JPEG",))
+    return cache.Provenance(**{**base, **kw})
+
+
+def test_cache_round_trip_and_stale_cache_refused(tmp_path):
+    p = tmp_path / "c.json"
+    r = {"input": (-1.0, 1.0), "t": (0.0, 6.0)}
+    cache.save(p, _provenance(), r)
+    assert cache.load(p, _provenance()) == r
+    with pytest.raises(ScarletError, match="another model"):
+        cache.load(p, _provenance(model="scarlet_b", onnx_sha256="b" * 64))
+    with pytest.raises(ScarletError, match="method"):
+        cache.load(p, _provenance(method="entropy"))
+    with pytest.raises(ScarletError, match="calibration images"):
+        cache.load(p, _provenance(images=("n01440764/y.JPEG",)))
+
+
+def test_trt_calibration_table_format():
+    text = cache.trt_table_text({"input": (-1.0, 1.27), "b": (0.0, 6.35)}, "entropy", version="11.4.0")
+    lines = text.splitlines()
+    assert lines[0] == "TRT-110400-EntropyCalibration2"
+    assert lines[1].startswith("b: ") and re.fullmatch(r"[0-9a-f]{8}", lines[1][3:])
+    assert struct.unpack(">f", bytes.fromhex(lines[2].split(": ")[1]))[0] == pytest.approx(1.27 / 127)
+    assert cache.trt_table_text({"x": (0, 1)}, "minmax", version="11.4.0").startswith("TRT-110400-MinMaxCalibration\n")
+
+
+def _relu_stats(seed: int = 0) -> stats.TensorStats:
+    """A ReLU of a heavy-tailed (Student t, 3 dof) activation: half zeros, a long thin tail."""
+    x = np.maximum(np.random.default_rng(seed).standard_t(3, 200_000), 0)
+    h = np.bincount(np.minimum((x * stats.NUM_BINS / x.max()).astype(int), stats.NUM_BINS - 1), minlength=stats.NUM_BINS)
+    return stats.TensorStats(0.0, float(x.max()), h, int((x == 0).sum()))
+
+
+@pytest.mark.parametrize("method,most", [("percentile", 0.5), ("entropy", 0.5), ("mse", 0.95)])
+def test_methods_clip_the_tail_but_keep_the_bulk(method, most):
+    s = _relu_stats()
+    lo, hi = ranges.tensor_range(s, method, symmetric=False)
+    assert lo == 0.0
+    assert 2.5 < hi < most * s.hi, f"{method}: threshold {hi} should clip the tail (max {s.hi}) and keep the bulk"
+    assert ranges.tensor_range(s, "minmax", symmetric=False) == (0.0, s.hi)
+    slo, shi = ranges.tensor_range(s, method, symmetric=True)
+    assert slo == -shi
+
+
+def test_split_is_seeded_spread_and_disjoint(tmp_path):
+    for c in range(6):
+        d = tmp_path / f"n0000000{c}"
+        d.mkdir()
+        for i in range(5):
+            (d / f"{i}.JPEG").write_bytes(b"")
+    a = images.split_images(tmp_path, 6, seed=3)
+    assert a == images.split_images(tmp_path, 6, seed=3)
+    assert a.calib != images.split_images(tmp_path, 6, seed=4).calib
+    assert len({p.parent.name for p in a.calib}) == 6, "one image per class before any class gets two"
+    assert not set(a.calib) & set(a.eval) and len(a.calib) + len(a.eval) == 30
+    # the same folder passed as --eval-dir still excludes the calibration files
+    b = images.split_images(tmp_path, 6, seed=3, eval_dir=tmp_path)
+    assert b.eval == a.eval
+
+
+def test_missing_image_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(ScarletError, match="does not exist"):
+        images.split_images(tmp_path / "nope", 4)
