@@ -284,12 +284,17 @@ def _request(cfg: EngineConfig) -> dict[str, Any]:
     }
 
 
-def plan_is_current(plan: Path, request: dict[str, Any], current: RuntimeInfo) -> dict[str, Any] | None:
-    """The existing plan's manifest when it was built from this request here and is intact."""
+def stale_reasons(plan: Path, request: dict[str, Any], current: RuntimeInfo) -> list[str]:
+    """Why an existing plan must be rebuilt for this request here (empty: it is current)."""
     m = read_manifest(plan) if plan.is_file() else None
-    if not m or m.get("request") != request or plan_compatibility(m, current):
-        return None
-    return m if m.get("plan_sha256") == sha256_file(plan) else None
+    if m is None:
+        return ["no plan with a manifest exists"]
+    old = m.get("request") or {}
+    reasons = [f"{k} changed" for k in request if old.get(k) != request[k]]
+    reasons += plan_compatibility(m, current)
+    if not reasons and m.get("plan_sha256") != sha256_file(plan):
+        reasons.append("the plan file does not match its manifest")
+    return reasons
 
 
 def validate(cfg: EngineConfig) -> None:
@@ -374,8 +379,12 @@ def build_engine(cfg: EngineConfig, progress: Callable[[str], None] = lambda s: 
     validate(cfg)
     current = require_gpu()
     request = _request(cfg)
-    if not cfg.rebuild and (m := plan_is_current(Path(cfg.output), request, current)):
+    stale = stale_reasons(Path(cfg.output), request, current)
+    if not cfg.rebuild and not stale:
+        m = read_manifest(cfg.output, required=True)
         return EngineReport(Path(cfg.output), True, cfg.precision, Path(m["build_onnx"]), 0.0, m)
+    if Path(cfg.output).is_file():
+        progress(f"replacing {cfg.output}: {'; '.join(stale) or '--rebuild'}")
 
     trt = import_tensorrt()
     src = build_onnx(cfg)
@@ -402,10 +411,11 @@ def build_engine(cfg: EngineConfig, progress: Callable[[str], None] = lambda s: 
 
     cache_path = timing_cache_path(cfg.timing_cache, cfg.output)
     cache_bytes = read_timing_cache(cache_path)
-    cache = config.create_timing_cache(cache_bytes)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        # A cache from another GPU or TensorRT version: start afresh rather than mix timings.
-        progress(f"timing cache {cache_path} was made elsewhere; starting a new one")
+    cache = config.create_timing_cache(cache_bytes)  # kept referenced until the build ends
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        # A cache from another GPU or TensorRT version, or a damaged file: start afresh rather
+        # than mix timings; the new cache overwrites it after the build.
+        progress(f"timing cache {cache_path} is unusable here (other GPU/TensorRT, or damaged); starting a new one")
         cache_bytes, cache = b"", config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
 
@@ -595,7 +605,8 @@ class TrtRunner(Runner):
         self._set_batch(batch)
         rng = np.random.default_rng(0)
         self._host[self._in][1][:batch] = rng.standard_normal((batch, *self._chw), dtype=np.float32)
-        self._enqueue(batch, copies=True)  # fill the device input; also TensorRT's first-run set-up
+        if not self._enqueue(batch, copies=True):  # fills the device input; also TensorRT's first-run set-up
+            raise ScarletError(f"TensorRT failed to run {self.path}: {'; '.join(self._log.errors) or 'see the log'}.")
         _ck(cudart, cudart.cudaStreamSynchronize(s))
         graph, gexec = self._capture(batch, include_copies) if cuda_graph else (None, None)
 
