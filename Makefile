@@ -51,7 +51,7 @@ engine: setup
 
 ## make bench: every backend side by side; writes reports/bench.{json,md,png}
 bench: setup
-	$(SCARLET) bench --build-dir $(BUILD) --json $(REPORTS)/bench.json \
+	$(SCARLET) bench --tune --build-dir $(BUILD) --reports-dir $(REPORTS) --json $(REPORTS)/bench.json \
 	  --markdown $(REPORTS)/bench.md --plot $(REPORTS)/bench.png
 
 ## make gpu-check: TensorRT fp32/fp16/int8 engines for every model, verified and benchmarked

@@ -191,15 +191,16 @@ def _mb(path: Path) -> float:
     return path.stat().st_size / 2 ** 20
 
 
-def ensure_onnx(model: str, build_dir: Path) -> Path:
-    """build/<model>.onnx, exported through the project's exporter when missing (fresh clone)."""
+def ensure_onnx(model: str, build_dir: Path, loaded=None) -> Path:
+    """build/<model>.onnx, exported through the project's exporter when missing (fresh clone).
+
+    `loaded` (export.checkpoint.LoadedModel) saves loading the model a second time.
+    """
     path = build_dir / f"{model}.onnx"
     if not path.exists():
-        try:
-            from export.onnx_export import ExportConfig, export_model
-        except ImportError as e:
-            raise ScarletError(f"{path} is missing and the exporter is unavailable ({e}); run `make export`.") from e
-        export_model(ExportConfig(model=model, output=path))
+        from export.onnx_export import ExportConfig, export_model
+
+        export_model(ExportConfig(model=model, output=path), loaded)
     return path
 
 
@@ -221,8 +222,8 @@ def trt_unavailable() -> str | None:
     return None
 
 
-def plan_model(model: str, cfg: BenchConfig) -> ModelPlan:
-    onnx_path = ensure_onnx(model, cfg.build_dir)
+def plan_model(model: str, cfg: BenchConfig, loaded=None) -> ModelPlan:
+    onnx_path = ensure_onnx(model, cfg.build_dir, loaded)
     arts: dict[str, Artifact] = {}
     skipped: dict[str, str] = {}
     trt_reason = trt_unavailable() if any(b.startswith("trt-") for b in cfg.backends) else None
@@ -251,20 +252,18 @@ def plan_model(model: str, cfg: BenchConfig) -> ModelPlan:
 
 # ---------------------------------------------------------------- runners
 
-def torch_model(model: str, channels_last: bool, trained: bool = True):
-    """The PyTorch baseline as a user has it: the project's checkpoint loader, eval mode."""
+def load_baseline(model: str):
+    """The PyTorch model as a user has it: the project's checkpoint loader (export.checkpoint.LoadedModel)."""
+    from export.checkpoint import load_model
+
+    return load_model(model)
+
+
+def torch_module(module, channels_last: bool):
     import torch
 
-    if trained:
-        from export.checkpoint import load_model
-
-        m = load_model(model).model
-    else:  # memory probes: same architecture and sizes, weights' values do not matter
-        from export.registry import get_spec
-
-        m = get_spec(model).create()
-    m = m.eval()
-    return m.to(memory_format=torch.channels_last) if channels_last else m
+    module = module.eval()
+    return module.to(memory_format=torch.channels_last) if channels_last else module
 
 
 def make_runner(backend: str, path: Path | None, threads: int, ort: OrtOptions, module=None):
@@ -324,7 +323,12 @@ def _probe(spec: dict[str, Any]) -> dict[str, Any]:
         import onnxruntime  # noqa: F401
     base = _status_kb()["VmRSS"]
     reset = _reset_hwm()
-    module = torch_model(spec["model"], spec["channels_last"], trained=False) if backend == "torch" else None
+    if backend == "torch":  # same architecture and tensor sizes as the trained model; values do not matter
+        from export.registry import get_spec
+
+        module = torch_module(get_spec(spec["model"]).create(), spec["channels_last"])
+    else:
+        module = None
     peaks = {}
     with make_runner(backend, spec["path"], spec["threads"], OrtOptions(**spec["ort"]), module) as runner:
         for b in spec["batches"]:  # ascending: the peak after batch b is what serving batches <= b needs
@@ -347,18 +351,28 @@ def measure_memory(model: str, backend: str, art: Artifact, cfg: BenchConfig, si
 
 # ---------------------------------------------------------------- onnxruntime tuning
 
+TUNE_MARGIN = 0.03  # a setting must beat the default by more than round-to-round noise to replace it
+
+
 def tune_grid(threads: int) -> list[OrtOptions]:
+    # "basic" is left out: it skips the fusions (QDQ -> QLinearConv among them) that INT8 models need.
     thread_choices = sorted({threads, os.cpu_count() or threads})  # physical vs logical cores
-    return [OrtOptions(t, lvl, mode, arena) for t in thread_choices for lvl in ("basic", "all")
+    return [OrtOptions(t, lvl, mode, arena) for t in thread_choices for lvl in ("extended", "all")
             for mode in ("sequential", "parallel") for arena in (True, False)]
 
 
 def tune_ort(onnx_path: Path, batch: int, cfg: BenchConfig, repeats: int = 3, seconds: float = 0.5,
              warmup_s: float = 0.2, progress=None) -> dict[str, Any]:
-    """Try the grid on one model, interleaved like the main run; the fastest median throughput wins."""
+    """Try the grid on one model, interleaved like the main run.
+
+    The fastest median throughput wins, but only if it beats the default settings by more
+    than TUNE_MARGIN; otherwise the default stays (a noisy 1 % "win" is not a finding).
+    """
     from .backends import OrtRunner
 
     grid = tune_grid(cfg.threads)
+    if cfg.ort not in grid:
+        grid.insert(0, cfg.ort)
     x = bench_input(batch, cfg.seed, onnx_image_size(onnx_path))
     runners = {f"option{i}": OrtRunner(onnx_path, options=o).load() for i, o in enumerate(grid)}
     try:
@@ -371,8 +385,11 @@ def tune_ort(onnx_path: Path, batch: int, cfg: BenchConfig, repeats: int = 3, se
             for i, o in enumerate(grid)]
     rows.sort(key=lambda r: -r["throughput"])
     default = next(r for r in rows if r["options"] == asdict(cfg.ort))
-    return {"model": onnx_path.stem, "batch": batch, "grid": rows, "winner": rows[0]["options"],
-            "gain_over_default": rows[0]["throughput"] / default["throughput"]}
+    best = rows[0]
+    gain = best["throughput"] / default["throughput"]
+    chosen = best if gain > 1 + TUNE_MARGIN else default
+    return {"model": onnx_path.stem, "batch": batch, "grid": rows, "best": best["options"], "winner": chosen["options"],
+            "default": default["options"], "gain_over_default": gain, "margin": TUNE_MARGIN}
 
 
 # ---------------------------------------------------------------- the run
@@ -396,16 +413,20 @@ def _verify_accuracy(reports_dir: Path, model: str) -> dict[str, float]:
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from .flops import count_macs
     from .peak import measure_peak
     from .report import environment
 
     t_start = time.perf_counter()
     peak = measure_peak(cfg.peak_seconds, threads=cfg.threads)
-    plans = [plan_model(m, cfg) for m in cfg.models]
+    # Loaded once, up front: the checkpoint loader can take seconds (seeded weights re-estimate BN
+    # statistics), and a missing ONNX is exported from the same LoadedModel.
+    loaded = {}
+    if "torch" in cfg.backends or any(not (cfg.build_dir / f"{m}.onnx").exists() for m in cfg.models):
+        loaded = {m: load_baseline(m) for m in tqdm(cfg.models, desc="load models", unit="model")}
+    plans = [plan_model(m, cfg, loaded.get(m)) for m in cfg.models]
     tune = None
     if cfg.tune:
-        with tqdm(total=len(tune_grid(cfg.threads)) * 3, desc=f"tune ort ({plans[0].model})", unit="round") as bar:
+        with tqdm(total=(len(tune_grid(cfg.threads)) + 1) * 3, desc=f"tune ort ({plans[0].model})", unit="round") as bar:
             tune = tune_ort(plans[0].onnx, max(cfg.batches), cfg, progress=bar)
         cfg.ort = OrtOptions(**tune["winner"])
 
@@ -414,28 +435,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with tqdm(total=total, desc="bench", unit="round") as bar:
         for plan in plans:
-            macs = count_macs(plan.onnx)
-            module = torch_model(plan.model, cfg.torch_channels_last) if "torch" in plan.artifacts else None
-            if module is not None:
-                plan.artifacts["torch"].size_mb = sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2 ** 20
-            memory = {b: measure_memory(plan.model, b, a, cfg, plan.image_size) for b, a in plan.artifacts.items()
-                      if cfg.memory and not b.startswith("trt-")}
-            runners = {b: make_runner(b, a.path, cfg.threads, cfg.ort, module).load() for b, a in plan.artifacts.items()}
-            try:
-                for batch in cfg.batches:
-                    bar.set_description(f"{plan.model} b={batch}")
-                    x = bench_input(batch, cfg.seed, plan.image_size)
-                    rounds = measure_interleaved({b: timed_call(r, batch, x) for b, r in runners.items()},
-                                                 cfg.repeats, cfg.seconds, cfg.warmup_s, progress=bar)
-                    stats = {b: CellStats.from_rounds(r, batch) for b, r in rounds.items()}
-                    rows += [_row(plan, b, s, stats, macs.macs, peak.gflops, memory.get(b)) for b, s in stats.items()]
-            finally:
-                for r in runners.values():
-                    r.close()
-            models[plan.model] = {"onnx": str(plan.onnx), "macs": macs.to_dict(), "skipped": plan.skipped,
-                                  "artifacts": {b: {"path": str(a.path) if a.path else None, "size_mb": a.size_mb}
-                                                for b, a in plan.artifacts.items()},
-                                  "memory": memory, "accuracy": _verify_accuracy(cfg.reports_dir, plan.model)}
+            module = torch_module(loaded[plan.model].model, cfg.torch_channels_last) if "torch" in plan.artifacts else None
+            model_rows, models[plan.model] = bench_model(plan, module, cfg, peak.gflops, bar)
+            rows += model_rows
     return {
         "environment": environment(),
         "config": {"models": cfg.models, "backends": cfg.backends, "batches": cfg.batches, "threads": cfg.threads,
@@ -449,6 +451,48 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "results": rows,
         "elapsed_s": time.perf_counter() - t_start,
     }
+
+
+def bench_model(plan: ModelPlan, module, cfg: BenchConfig, peak_gflops: float, bar) -> tuple[list[dict], dict]:
+    """Every backend of one model at every batch size: the rows, and the model's report entry."""
+    from .flops import count_macs
+
+    macs = count_macs(plan.onnx)
+    if module is not None:
+        plan.artifacts["torch"].size_mb = sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2 ** 20
+    memory = {b: measure_memory(plan.model, b, a, cfg, plan.image_size) for b, a in plan.artifacts.items()
+              if cfg.memory and not b.startswith("trt-")}
+    runners, rows = {}, []
+    try:
+        for b, a in plan.artifacts.items():
+            try:  # a plan built for another GPU or TensorRT version is reported, not fatal
+                runners[b] = make_runner(b, a.path, cfg.threads, cfg.ort, module).load()
+            except ScarletError as e:
+                plan.skipped[b] = str(e).rstrip(".")
+                bar.update(len(cfg.batches) * cfg.repeats)
+        for batch in cfg.batches:
+            bar.set_description(f"{plan.model} b={batch}")
+            x = bench_input(batch, cfg.seed, plan.image_size)
+            calls = {}
+            for b, r in runners.items():
+                call = timed_call(r, batch, x)
+                try:  # e.g. a batch outside a TensorRT plan's profile: skip that cell, say why
+                    call()
+                    calls[b] = call
+                except ScarletError as e:
+                    plan.skipped[b] = f"batch {batch}: {str(e).rstrip('.')}"
+                    bar.update(cfg.repeats)
+            rounds = measure_interleaved(calls, cfg.repeats, cfg.seconds, cfg.warmup_s, progress=bar)
+            stats = {b: CellStats.from_rounds(r, batch) for b, r in rounds.items()}
+            rows += [_row(plan, b, st, stats, macs.macs, peak_gflops, memory.get(b)) for b, st in stats.items()]
+    finally:
+        for r in runners.values():
+            r.close()
+    entry = {"onnx": str(plan.onnx), "macs": macs.to_dict(), "skipped": plan.skipped,
+             "artifacts": {b: {"path": str(a.path) if a.path else None, "size_mb": a.size_mb}
+                           for b, a in plan.artifacts.items()},
+             "memory": memory, "accuracy": _verify_accuracy(cfg.reports_dir, plan.model)}
+    return rows, entry
 
 
 def _row(plan: ModelPlan, backend: str, s: CellStats, stats: dict[str, CellStats], macs: int, peak_gflops: float,
@@ -488,7 +532,6 @@ def render_markdown(data: dict[str, Any]) -> str:
              _ratio_text(r.get("vs_torch")), _ratio_text(r.get("vs_ort")), _num(r["gflops"]), _num(r["pct_peak"]),
              _num(r["mem_mb"], 0), _num(r["size_mb"]))
             for r in data["results"]]
-    ort = st["ort"]
     lines = [
         "## Performance",
         "",
@@ -497,9 +540,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"backend after warm-up, whole run {data['elapsed_s']:.0f} s.",
         f"Machine peak: {peak['gflops']:.1f} GFLOP/s ({peak['method']}, {peak['threads']} threads).",
         f"PyTorch eager: {st['torch']['mode']}, {st['torch']['threads']} threads, "
-        f"channels_last {'on' if st['torch']['channels_last'] else 'off'}. onnxruntime: {ort['threads']} threads, "
-        f"graph optimisation {ort['opt_level']}, {ort['execution_mode']} execution, "
-        f"memory arena {'on' if ort['memory_arena'] else 'off'}.",
+        f"channels_last {'on' if st['torch']['channels_last'] else 'off'}. onnxruntime (CPU): {_ort_text(st['ort'])}.",
         "",
         markdown_table(TABLE_HEADERS, rows).rstrip(),
         "",
@@ -516,11 +557,33 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += ["", "Not measured:"] + [f"- {m} {BACKEND_LABELS.get(b, b)}: {why}." for m, b, why in skipped]
     if data.get("tune"):
         t = data["tune"]
-        w = t["winner"]
-        lines += ["", f"onnxruntime tuning ({t['model']}, batch {t['batch']}, {len(t['grid'])} settings): winner "
-                      f"{w['threads']} threads, {w['opt_level']}, {w['execution_mode']}, arena "
-                      f"{'on' if w['memory_arena'] else 'off'}: {t['gain_over_default']:.2f}x the default settings."]
+        kept = t["winner"] == t["default"]
+        lines += ["", f"onnxruntime tuning ({t['model']}, batch {t['batch']}, {len(t['grid'])} settings): best "
+                      f"{_ort_text(t['best'])} at {t['gain_over_default']:.2f}x the default; "
+                      + ("default kept (gain within the noise margin)." if kept else "used for this run.")]
+    lines += ["", "Summary (largest batch speed-ups; batch-1 p50 latency ratios):"] + summary_lines(data)
     return "\n".join(lines) + "\n"
+
+
+def _ort_text(o: dict[str, Any]) -> str:
+    return f"{o['threads']} threads, {o['opt_level']}, {o['execution_mode']}, arena {'on' if o['memory_arena'] else 'off'}"
+
+
+def summary_lines(data: dict[str, Any]) -> list[str]:
+    """The numbers the project's targets are stated in, one line per model."""
+    big, out = max(data["config"]["batches"]), []
+    for m in data["models"]:
+        cell = {(r["backend"], r["batch"]): r for r in data["results"] if r["model"] == m}
+        parts = []
+        for b, ref, label in (("ort", "torch", "ORT FP32 / PyTorch"), ("ort-int8", "ort", "ORT INT8 / ORT FP32")):
+            r = cell.get((b, big))
+            if r and r.get(f"vs_{ref}"):
+                parts.append(f"{label} {r[f'vs_{ref}']['median']:.2f}x at batch {big}")
+        r1 = cell.get(("ort", 1))
+        if r1 and "latency_vs_torch" in r1:
+            parts.append(f"batch-1 latency PyTorch / ORT FP32 {r1['latency_vs_torch']:.2f}x")
+        out.append(f"- {m}: " + ("; ".join(parts) if parts else "no comparable pair measured") + ".")
+    return out
 
 
 def plot(data: dict[str, Any], path: str | os.PathLike) -> None:

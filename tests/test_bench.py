@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -162,7 +163,7 @@ def test_config_rejects_bad_input():
 @pytest.fixture(scope="module")
 def tiny_run(tiny_build, tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setattr(bench, "torch_model", lambda name, channels_last, trained=True: _TinyNet().eval())
+    mp.setattr(bench, "load_baseline", lambda name: SimpleNamespace(model=_TinyNet()))
     cfg = bench.BenchConfig(models=["scarlet_a"], batches=[1, 2], threads=1, build_dir=tiny_build, repeats=2,
                             seconds=0.01, warmup_s=0, memory=False, peak_seconds=0.01,
                             reports_dir=tmp_path_factory.mktemp("reports"))
@@ -233,8 +234,8 @@ def test_memory_probe_reports_peak_growth_per_batch(tiny_build):
 def test_tune_tries_the_grid_and_names_a_winner(tiny_build):
     cfg = bench.BenchConfig(models=["scarlet_a"], threads=1, build_dir=tiny_build)
     t = bench.tune_ort(tiny_build / "scarlet_a.onnx", 1, cfg, repeats=1, seconds=0.001, warmup_s=0)
-    assert len(t["grid"]) == len(bench.tune_grid(1))
-    assert t["winner"] == t["grid"][0]["options"]
+    assert len(t["grid"]) == len(bench.tune_grid(1))  # the default (1 thread, all, sequential, arena) is in it
+    assert t["best"] == t["grid"][0]["options"] and t["winner"] in (t["best"], t["default"])
     assert OrtOptions(**t["winner"]) in bench.tune_grid(1)
     assert t["gain_over_default"] >= 1.0
 
@@ -244,3 +245,58 @@ def test_cli_bad_backend_exits_2(capsys):
 
     assert main(["bench", "--models", "scarlet_a", "--backends", "ort,nope"]) == 2
     assert "unknown backend" in capsys.readouterr().err
+
+
+def test_summary_states_the_target_ratios(tiny_run):
+    lines = bench.summary_lines(tiny_run)
+    assert len(lines) == 1 and lines[0].startswith("- scarlet_a: ORT FP32 / PyTorch ")
+    assert "at batch 2" in lines[0] and "batch-1 latency PyTorch / ORT FP32" in lines[0]
+
+
+def test_tune_keeps_the_default_unless_a_setting_clearly_wins(tiny_build, monkeypatch):
+    cfg = bench.BenchConfig(models=["scarlet_a"], threads=1, build_dir=tiny_build)
+    # every setting equally fast: the default must stay
+    monkeypatch.setattr(bench, "measure_interleaved",
+                        lambda calls, *a, **k: {name: [[0.01, 0.01]] for name in calls})
+    t = bench.tune_ort(tiny_build / "scarlet_a.onnx", 1, cfg, repeats=1, seconds=0.001, warmup_s=0)
+    assert t["winner"] == t["default"] == {"threads": 1, "opt_level": "all", "execution_mode": "sequential",
+                                           "memory_arena": True}
+    assert t["gain_over_default"] == pytest.approx(1.0)
+
+
+def test_tune_adopts_a_setting_that_clearly_wins(tiny_build, monkeypatch):
+    cfg = bench.BenchConfig(models=["scarlet_a"], threads=1, build_dir=tiny_build)
+    monkeypatch.setattr(bench, "measure_interleaved",
+                        lambda calls, *a, **k: {n: [[0.005 if n == "option3" else 0.01]] for n in calls})
+    t = bench.tune_ort(tiny_build / "scarlet_a.onnx", 1, cfg, repeats=1, seconds=0.001, warmup_s=0)
+    assert t["winner"] == t["best"] != t["default"] and t["gain_over_default"] == pytest.approx(2.0)
+
+
+class _SmallProfileRunner:
+    """Stands in for a TensorRT plan whose profile stops at batch 1."""
+
+    kind = "fake"
+
+    def load(self):
+        return self
+
+    def infer(self, x):
+        if len(x) > 1:
+            raise ScarletError("batch 2 is outside the plan's profile [1, 1]")
+        return np.zeros((len(x), 10), np.float32)
+
+    def close(self):
+        pass
+
+
+def test_a_backend_that_cannot_run_a_batch_is_skipped_with_the_reason(tiny_build, monkeypatch):
+    from tqdm import tqdm
+
+    cfg = bench.BenchConfig(models=["scarlet_a"], backends=["ort"], batches=[1, 2], threads=1, build_dir=tiny_build,
+                            repeats=1, seconds=0.001, warmup_s=0, memory=False)
+    plan = bench.plan_model("scarlet_a", cfg)
+    monkeypatch.setattr(bench, "make_runner", lambda *a, **k: _SmallProfileRunner())
+    with tqdm(disable=True) as bar:
+        rows, entry = bench.bench_model(plan, None, cfg, 50.0, bar)
+    assert [(r["backend"], r["batch"]) for r in rows] == [("ort", 1)]
+    assert entry["skipped"]["ort"].startswith("batch 2: batch 2 is outside")
