@@ -86,6 +86,21 @@ def _ensure_int8(model: str, build: Path, val_dir: Path | None, reports: Path) -
     return None, f"skipped: no {path.name} (`scarlet {' '.join(argv[:1])}` exited {rc}; run `make calib MODEL={model}`)"
 
 
+def _reference_model(model: str, onnx_path: Path):
+    """The PyTorch model with the weights the ONNX was exported from (per its manifest)."""
+    from export.artifacts import read_manifest
+    from export.checkpoint import load_model
+
+    m = read_manifest(onnx_path) or {}
+    source = m.get("weights_source")
+    checkpoint = source if m.get("pretrained") and source and Path(source).is_file() else None
+    loaded = load_model(model, bool(m.get("let", False)), checkpoint)
+    if m.get("checkpoint_sha256") and m["checkpoint_sha256"] != loaded.checkpoint_sha256:
+        raise ScarletError(f"{onnx_path} was exported from other weights ({m['checkpoint_sha256']}) than PyTorch "
+                           f"loads here ({loaded.checkpoint_sha256}); re-export it (make export) before gpu-check.")
+    return loaded.model
+
+
 def _images(val_dir: Path | None, n: int) -> tuple[list[Path], np.ndarray | None]:
     """`n` images spread over the folder, and labels when the folders are ImageNet wnids."""
     from runtime.classes import wnid_to_index
@@ -143,7 +158,6 @@ def run_check(cfg: CheckConfig) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from export.checkpoint import load_model
     from export.registry import get_spec
     from runtime.preprocess import load_batch
     from runtime.report import environment
@@ -156,9 +170,9 @@ def run_check(cfg: CheckConfig) -> dict[str, Any]:
     for model in cfg.models:
         onnx_path = _ensure_onnx(model, cfg.build_dir)
         x = load_batch(files, get_spec(model).preprocess, "reference")
-        loaded = load_model(model)  # the same weights export used (trained Lite0, seeded SCARLET)
+        torch_model = _reference_model(model, onnx_path)
         with torch.inference_mode():
-            reference = torch.cat([loaded.model(torch.from_numpy(x[i:i + 32])) for i in range(0, len(x), 32)]).numpy()
+            reference = torch.cat([torch_model(torch.from_numpy(x[i:i + 32])) for i in range(0, len(x), 32)]).numpy()
         for precision in cfg.precisions:
             bar.set_postfix_str(f"{model} {precision}")
             if time.perf_counter() - t0 > cfg.budget_s:
