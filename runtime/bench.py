@@ -137,6 +137,7 @@ class BenchConfig:
     warmup_s: float = 0.5
     memory: bool = True
     tune: bool = False
+    calibrate: bool = False  # create a missing build/<model>.int8.onnx the way `make calib` does
     ort: OrtOptions = OrtOptions()
     torch_channels_last: bool = False
     reports_dir: Path = Path("reports")  # where verify-<model>.json are looked for
@@ -222,6 +223,19 @@ def trt_unavailable() -> str | None:
     return None
 
 
+def calibrate_int8(model: str, cfg: BenchConfig) -> None:
+    """`scarlet calibrate-model --targets ort`, parsed by calib's own parser so its defaults
+    (images, method, accuracy budget) stay the ones `make calib` uses; method comparison and
+    its speed check are skipped since this run measures speed itself."""
+    from calib import cli as calib_cli
+
+    parser = argparse.ArgumentParser(prog="scarlet")
+    calib_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["calibrate-model", "--model", model, "--out-dir", str(cfg.build_dir), "--targets", "ort",
+                              "--no-compare", "--bench-rounds", "0", "--threads", str(cfg.threads)])
+    args.func(args)
+
+
 def plan_model(model: str, cfg: BenchConfig, loaded=None) -> ModelPlan:
     onnx_path = ensure_onnx(model, cfg.build_dir, loaded)
     arts: dict[str, Artifact] = {}
@@ -234,6 +248,12 @@ def plan_model(model: str, cfg: BenchConfig, loaded=None) -> ModelPlan:
             arts[b] = Artifact(b, onnx_path, _mb(onnx_path))
         elif b == "ort-int8":
             p = cfg.build_dir / f"{model}.int8.onnx"
+            if not p.exists() and cfg.calibrate:
+                try:
+                    calibrate_int8(model, cfg)
+                except ScarletError as e:
+                    skipped[b] = f"calibration failed: {str(e).rstrip('.')}"
+                    continue
             if p.exists():
                 arts[b] = Artifact(b, p, _mb(p))
             else:
@@ -394,17 +414,33 @@ def tune_ort(onnx_path: Path, batch: int, cfg: BenchConfig, repeats: int = 3, se
 
 # ---------------------------------------------------------------- the run
 
-def _verify_accuracy(reports_dir: Path, model: str) -> dict[str, float]:
-    """top-1 per backend from `scarlet verify`'s JSON when it exists ({} otherwise)."""
-    path = reports_dir / f"verify-{model}.json"
-    if not path.exists():
-        return {}
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text()) if path.exists() else {}
     except (OSError, json.JSONDecodeError):
         return {}
-    out = {}
-    for name, entry in (data.get("backends") or {}).items():
+
+
+def known_accuracy(plan: ModelPlan, reports_dir: Path) -> dict[str, float]:
+    """top-1 (%) per backend from earlier reports, for the accuracy-vs-latency plot.
+
+    `make calib` writes reports/calib-<model>.json (FP32 and INT8 top-1 on held-out images);
+    it is used only when it was made from the very ONNX benchmarked here (sha256).
+    `scarlet verify` results (reports/verify-<model>.json, {"backends": {name: {"top1": ...}}}) add to it.
+    """
+    from export.artifacts import sha256_file
+
+    out: dict[str, float] = {}
+    calib = _read_json(reports_dir / f"calib-{plan.model}.json")
+    if calib and calib.get("source_onnx_sha256") == sha256_file(plan.onnx):
+        if (calib.get("fp32") or {}).get("top1") is not None:
+            out["ort"] = float(calib["fp32"]["top1"])
+        int8 = plan.artifacts.get("ort-int8")
+        for t in calib.get("targets", []):
+            if t.get("target") == "ort" and int8 and Path(t.get("output", "")).name == int8.path.name \
+                    and (t.get("int8") or {}).get("top1") is not None:
+                out["ort-int8"] = float(t["int8"]["top1"])
+    for name, entry in (_read_json(reports_dir / f"verify-{plan.model}.json").get("backends") or {}).items():
         if isinstance(entry, dict) and isinstance(entry.get("top1"), (int, float)):
             out[name] = float(entry["top1"])
     return out
@@ -491,7 +527,7 @@ def bench_model(plan: ModelPlan, module, cfg: BenchConfig, peak_gflops: float, b
     entry = {"onnx": str(plan.onnx), "macs": macs.to_dict(), "skipped": plan.skipped,
              "artifacts": {b: {"path": str(a.path) if a.path else None, "size_mb": a.size_mb}
                            for b, a in plan.artifacts.items()},
-             "memory": memory, "accuracy": _verify_accuracy(cfg.reports_dir, plan.model)}
+             "memory": memory, "accuracy": known_accuracy(plan, cfg.reports_dir)}
     return rows, entry
 
 
@@ -617,7 +653,7 @@ def plot(data: dict[str, Any], path: str | os.PathLike) -> None:
                 if r["model"] == m and r["batch"] == 1 and r["backend"] in acc:
                     ax2.scatter(r["p50_ms"], acc[r["backend"]])
                     ax2.annotate(BACKEND_LABELS[r["backend"]], (r["p50_ms"], acc[r["backend"]]), fontsize=8)
-            ax2.set(xlabel="batch-1 p50 latency (ms)", ylabel="top-1 (verify)")
+            ax2.set(xlabel="batch-1 p50 latency (ms)", ylabel="top-1 % (calib/verify reports)")
             ax2.grid(alpha=0.3)
     fig.suptitle(f"scarlet bench, {data['environment']['date']}", fontsize=10)
     fig.tight_layout()
@@ -652,6 +688,8 @@ def register(sub) -> None:
     p.add_argument("--seconds", type=float, default=1.0, help="time per backend per round")
     p.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per backend (not recorded)")
     p.add_argument("--tune", action="store_true", help="try a small onnxruntime settings grid first; use the winner")
+    p.add_argument("--calibrate-missing", action="store_true",
+                   help="create a missing build/<model>.int8.onnx as `make calib` does (minutes per model)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure peak memory per backend in a subprocess")
     p.add_argument("--channels-last", action="store_true", help="run the PyTorch baseline in channels_last")
@@ -665,7 +703,8 @@ def register(sub) -> None:
 def run(args) -> int:
     cfg = BenchConfig(models=args.models, backends=args.backends, batches=args.batch, threads=args.threads,
                       build_dir=args.build_dir, engines=args.engine, repeats=args.repeats, seconds=args.seconds,
-                      warmup_s=args.warmup, memory=args.memory, tune=args.tune, torch_channels_last=args.channels_last,
+                      warmup_s=args.warmup, memory=args.memory, tune=args.tune, calibrate=args.calibrate_missing,
+                      torch_channels_last=args.channels_last,
                       reports_dir=args.reports_dir)
     from .report import write_reports
 

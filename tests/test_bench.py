@@ -300,3 +300,29 @@ def test_a_backend_that_cannot_run_a_batch_is_skipped_with_the_reason(tiny_build
         rows, entry = bench.bench_model(plan, None, cfg, 50.0, bar)
     assert [(r["backend"], r["batch"]) for r in rows] == [("ort", 1)]
     assert entry["skipped"]["ort"].startswith("batch 2: batch 2 is outside")
+
+
+def test_accuracy_comes_from_a_calib_report_of_the_same_onnx_only(tiny_build, tmp_path):
+    from export.artifacts import sha256_file
+
+    int8 = tiny_build / "scarlet_a.int8.onnx"
+    plan = bench.ModelPlan("scarlet_a", tiny_build / "scarlet_a.onnx", 16, {"ort-int8": bench.Artifact("ort-int8", int8, 0)}, {})
+    report = {"source_onnx_sha256": sha256_file(plan.onnx), "fp32": {"top1": 76.0},
+              "targets": [{"target": "ort", "output": str(int8), "int8": {"top1": 75.5}},
+                          {"target": "trt", "output": "x.int8-trt.onnx", "int8": {"top1": 70.0}}]}
+    (tmp_path / "calib-scarlet_a.json").write_text(json.dumps(report))
+    assert bench.known_accuracy(plan, tmp_path) == {"ort": 76.0, "ort-int8": 75.5}
+    report["source_onnx_sha256"] = "0" * 64  # made from another export: ignored
+    (tmp_path / "calib-scarlet_a.json").write_text(json.dumps(report))
+    assert bench.known_accuracy(plan, tmp_path) == {}
+
+
+def test_failed_calibration_is_a_stated_skip(tiny_build, monkeypatch):
+    def fail(model, cfg):
+        raise ScarletError("no images to calibrate with")
+
+    monkeypatch.setattr(bench, "calibrate_int8", fail)
+    cfg = bench.BenchConfig(models=["scarlet_a"], backends=["ort", "ort-int8"], build_dir=tiny_build, calibrate=True)
+    plan = bench.plan_model("scarlet_a", cfg)
+    assert list(plan.artifacts) == ["ort"]
+    assert plan.skipped == {"ort-int8": "calibration failed: no images to calibrate with"}
