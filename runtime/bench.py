@@ -601,6 +601,22 @@ def render_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_BEGIN, README_END = "<!-- scarlet bench: begin -->", "<!-- scarlet bench: end -->"
+
+
+def update_readme(path: str | os.PathLike, markdown: str) -> None:
+    """Replace the README's performance section between the markers, nothing else."""
+    from export.artifacts import write_bytes_atomic
+
+    text = Path(path).read_text()
+    if README_BEGIN not in text or README_END not in text or text.index(README_BEGIN) > text.index(README_END):
+        raise ScarletError(f"{path} has no performance section to replace; add the two lines {README_BEGIN} and "
+                           f"{README_END} where the table belongs.")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    write_bytes_atomic(path, f"{head}{README_BEGIN}\n{markdown.rstrip()}\n{README_END}{tail}".encode())
+
+
 def _ort_text(o: dict[str, Any]) -> str:
     return f"{o['threads']} threads, {o['opt_level']}, {o['execution_mode']}, arena {'on' if o['memory_arena'] else 'off'}"
 
@@ -697,6 +713,8 @@ def register(sub) -> None:
     p.add_argument("--json")
     p.add_argument("--markdown")
     p.add_argument("--plot")
+    p.add_argument("--readme", type=Path, default=None,
+                   help=f"also replace the section between {README_BEGIN} and {README_END} in this file")
     p.set_defaults(func=run)
 
 
@@ -713,6 +731,8 @@ def run(args) -> int:
     write_reports(data, md, args.json, args.markdown)
     if args.plot:
         plot(data, args.plot)
+    if args.readme:
+        update_readme(args.readme, md)
     print(md)
     return 0
 

@@ -326,3 +326,14 @@ def test_failed_calibration_is_a_stated_skip(tiny_build, monkeypatch):
     plan = bench.plan_model("scarlet_a", cfg)
     assert list(plan.artifacts) == ["ort"]
     assert plan.skipped == {"ort-int8": "calibration failed: no images to calibrate with"}
+
+
+def test_readme_section_is_replaced_between_markers_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{bench.README_BEGIN}\nold table\n{bench.README_END}\nafter\n")
+    bench.update_readme(readme, "## Performance\n| a |\n")
+    assert readme.read_text() == f"# x\n{bench.README_BEGIN}\n## Performance\n| a |\n{bench.README_END}\nafter\n"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ScarletError, match="no performance section"):
+        bench.update_readme(readme, "t")
+    assert readme.read_text() == "# no markers\n"
