@@ -159,6 +159,13 @@ class BenchConfig:
         self.batches = sorted(set(self.batches))
         self.build_dir, self.reports_dir = Path(self.build_dir), Path(self.reports_dir)
         self.engines = [Path(e) for e in self.engines]
+        for e in self.engines:
+            model, _, precision = e.name.removesuffix(".plan").rpartition(".")
+            if not e.name.endswith(".plan") or model not in self.models or precision not in TRT_PRECISIONS:
+                raise ScarletError(f"--engine {e}: name it <model>.<{'|'.join(TRT_PRECISIONS)}>.plan for one of the "
+                                   f"benchmarked models ({', '.join(self.models)}), as `make engine` does.")
+            if not e.is_file():
+                raise ScarletError(f"--engine {e} does not exist; build it with `make engine`.")
         self.threads = self.threads or physical_cores()
         if self.ort.threads is None:
             self.ort = OrtOptions(self.threads, self.ort.opt_level, self.ort.execution_mode, self.ort.memory_arena)
@@ -232,7 +239,8 @@ def calibrate_int8(model: str, cfg: BenchConfig) -> None:
     parser = argparse.ArgumentParser(prog="scarlet")
     calib_cli.register(parser.add_subparsers())
     args = parser.parse_args(["calibrate-model", "--model", model, "--out-dir", str(cfg.build_dir), "--targets", "ort",
-                              "--no-compare", "--bench-rounds", "0", "--threads", str(cfg.threads)])
+                              "--no-compare", "--bench-rounds", "0", "--threads", str(cfg.threads),
+                              "--report", str(cfg.reports_dir / f"calib-{model}")])
     args.func(args)
 
 

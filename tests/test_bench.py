@@ -337,3 +337,17 @@ def test_readme_section_is_replaced_between_markers_only(tmp_path):
     with pytest.raises(ScarletError, match="no performance section"):
         bench.update_readme(readme, "t")
     assert readme.read_text() == "# no markers\n"
+
+
+def test_engine_names_must_say_model_and_precision(tmp_path):
+    plan = tmp_path / "scarlet_a.fp16.plan"
+    plan.write_bytes(b"x")
+    cfg = bench.BenchConfig(models=["scarlet_a"], engines=[plan])
+    assert bench._engine_for("scarlet_a", "fp16", cfg) == plan
+    assert bench._engine_for("scarlet_a", "int8", cfg) == cfg.build_dir / "scarlet_a.int8.plan"
+    for bad in ("engine.plan", "scarlet_a.bf16.plan", "resnet.fp16.plan"):
+        (tmp_path / bad).write_bytes(b"x")
+        with pytest.raises(ScarletError, match="name it"):
+            bench.BenchConfig(models=["scarlet_a"], engines=[tmp_path / bad])
+    with pytest.raises(ScarletError, match="does not exist"):
+        bench.BenchConfig(models=["scarlet_a"], engines=[tmp_path / "scarlet_a.int8.plan"])
