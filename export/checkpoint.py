@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -52,7 +51,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise ScarletError(f"checkpoint {path} holds Python objects besides tensors, and loading it could run code; "
                                f"re-save just the state_dict: torch.save({{'model_state': model.state_dict()}}, path).") from None
         raise ScarletError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({e}); download or save it again.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - torch.load on a damaged file raises almost anything
+        if isinstance(e, MemoryError):
+            raise
         raise ScarletError(f"checkpoint {path} cannot be read: it is truncated, corrupt or not a PyTorch checkpoint "
                            f"({str(e).splitlines()[0][:160]}); download or save it again.") from None
     for key in WRAPPER_KEYS:

@@ -170,3 +170,32 @@ def test_split_is_seeded_spread_and_disjoint(tmp_path):
 def test_missing_image_dir_is_a_clear_error(tmp_path):
     with pytest.raises(ScarletError, match="does not exist"):
         images.split_images(tmp_path / "nope", 4)
+
+
+def _cfg(onnx: Path, val_dir: Path, out: Path, **kw):
+    from calib.pipeline import CalibConfig
+
+    base = dict(onnx=onnx, images=val_dir, output=out, num_images=8, num_eval=8, compare_methods=False, threads=1)
+    return CalibConfig(**{**base, **kw})
+
+
+@pytest.mark.slow
+def test_calibration_is_reproducible_and_a_foreign_cache_is_refused(lite0_onnx, scarlet_onnx, val_dir, tmp_path):
+    import json
+
+    from calib.pipeline import calibrate
+
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}" / "lite0.int8.onnx"
+        _, res = calibrate(_cfg(lite0_onnx, val_dir, out, cache=tmp_path / f"run{i}" / "cache.json", seed=5))
+        runs.append((out, json.loads((tmp_path / f"run{i}" / "cache.json").read_text())))
+        assert res.manifest["precision"] == "int8" and res.manifest["target"] == "ort"
+        assert res.int8 is not None and res.int8.images == 8
+    (a, ca), (b, cb) = runs
+    assert ca["ranges"] == cb["ranges"] and ca["images"] == cb["images"]
+    assert a.read_bytes() == b.read_bytes(), "same seed and images must give a byte-identical model"
+    with pytest.raises(ScarletError, match="another model"):
+        calibrate(_cfg(scarlet_onnx("scarlet_a"), val_dir, tmp_path / "a.int8.onnx", cache=tmp_path / "run0" / "cache.json",
+                       seed=5))
+    assert not (tmp_path / "a.int8.onnx").exists(), "nothing written when the cache is refused"

@@ -15,24 +15,6 @@ from runtime.preprocess import load_batch
 PARITY_IMAGES = 16
 
 
-# Until the lead's conftest.py provides `lite0_onnx` / `scarlet_onnx`, export here with the real exporter.
-@pytest.fixture(scope="module")
-def lite0_onnx(tmp_path_factory):
-    from export.onnx_export import ExportConfig, export_model
-
-    return export_model(ExportConfig("efficientnet_lite0", tmp_path_factory.mktemp("onnx") / "efficientnet_lite0.onnx")).output
-
-
-@pytest.fixture(scope="module")
-def scarlet_onnx(tmp_path_factory):
-    from export.onnx_export import ExportConfig, export_model
-
-    def make(name: str, let: bool = False):
-        return export_model(ExportConfig(name, tmp_path_factory.mktemp("onnx") / f"{name}.onnx", let=let)).output
-
-    return make
-
-
 @pytest.fixture(scope="module")
 def lite0_fp16(lite0_onnx, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp16") / "lite0.fp16.onnx"

@@ -13,7 +13,7 @@ from export.fp16 import type_summary
 from runtime import cli
 from runtime.tensorrt import (PLAN_KIND, BatchProfile, EngineConfig, RuntimeInfo, TrtRunner, check_plan,
                               check_precision, int8_onnx_path, plan_compatibility, read_timing_cache, require_gpu,
-                              timing_cache_path, validate)
+                              stale_reasons, timing_cache_path, validate)
 
 HERE = RuntimeInfo("11.4.0.106", "NVIDIA H100 80GB HBM3", "9.0")
 
@@ -114,6 +114,19 @@ def test_check_plan_refuses_with_rebuild_hint(tmp_path):
         check_plan(plan, HERE)
 
 
+def test_stale_reasons(tmp_path):
+    plan = tmp_path / "m.fp16.plan"
+    request = _manifest()["request"]
+    assert stale_reasons(plan, request, HERE) == ["no plan with a manifest exists"]
+    plan.write_bytes(b"engine")
+    write_manifest(plan, _manifest(plan_sha256=sha256_file(plan)))
+    assert stale_reasons(plan, request, HERE) == []
+    assert stale_reasons(plan, request | {"batch": [1, 1, 8]}, HERE) == ["batch changed"]
+    assert "TensorRT" in stale_reasons(plan, request, RuntimeInfo("11.5.0.1", HERE.gpu_name, "9.0"))[0]
+    plan.write_bytes(b"other engine")
+    assert stale_reasons(plan, request, HERE) == ["the plan file does not match its manifest"]
+
+
 # ----------------------------------------------------------------------------- precision checks
 
 def _qdq_model() -> onnx.ModelProto:
@@ -129,13 +142,6 @@ def _qdq_model() -> onnx.ModelProto:
     g = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4, 8, 8])], [w, scale, zp])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-
-
-@pytest.fixture(scope="module")
-def lite0_onnx(tmp_path_factory):
-    from export.onnx_export import ExportConfig, export_model
-
-    return export_model(ExportConfig("efficientnet_lite0", tmp_path_factory.mktemp("onnx") / "efficientnet_lite0.onnx")).output
 
 
 @pytest.fixture(scope="module")
@@ -269,3 +275,19 @@ def test_runner_refuses_a_plan_from_another_tensorrt(gpu, lite0_onnx, tmp_path):
         TrtRunner(plan).load()
     with TrtRunner(plan, rebuild=True) as runner:  # rebuilt on request
         assert runner.manifest["tensorrt"] != "11.0.0.0"
+
+
+def test_gpu_check_images_labels_and_markdown(val_dir):
+    from runtime import gpu_check
+
+    files, labels = gpu_check._images(val_dir, 10)
+    assert len(files) == 10 and labels is not None and labels.shape == (10,)
+    row = gpu_check.Row("scarlet_a", "fp16", "ok", "build/scarlet_a.fp16.plan", 41.5,
+                        {"top1_agreement": 0.99, "rel_err_max": 0.01}, 0.7,
+                        {"b1": {"median_ms": 0.5, "images_per_s": 2000.0}, "b8": {"median_ms": 1.0, "images_per_s": 8000.0}})
+    data = {"tensorrt": "11.4.0.106", "gpu": {"name": "NVIDIA H100", "compute_capability": "9.0"},
+            "environment": {"date": "today"}, "images": 10, "reference": "PyTorch", "iters": 5, "seconds": 1.0,
+            "rows": [row.__dict__, gpu_check.Row("scarlet_a", "int8", "skipped: no calib").__dict__]}
+    md = gpu_check.markdown(data)
+    assert "| scarlet_a | fp16 | ok | 41.5 | 0.99 | 0.01 | 0.7 | 0.5 | 1 | - | 8000 |" in md
+    assert "| scarlet_a | int8 | skipped: no calib |" in md

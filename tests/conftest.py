@@ -1,0 +1,86 @@
+"""Shared fixtures: real images, realistic models and their exports, built once per session.
+
+SCARLET models get seeded weights with O(1) activations (export.weights): default BN
+statistics would make every parity check pass whatever the code does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.checkpoint import LoadedModel, load_model
+from export.onnx_export import ExportConfig, ExportReport, export_model
+from export.registry import get_spec
+from runtime.images import default_val_dir, list_images
+from runtime.preprocess import load_batch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def val_dir() -> Path:
+    d = default_val_dir()
+    if d is None:
+        pytest.skip("the shared ImageNet sample (../shared/data/imagenet-sample/val) is not beside this checkout")
+    return d
+
+
+@pytest.fixture(scope="session")
+def val_files(val_dir) -> list[Path]:
+    return list_images(val_dir)
+
+
+@pytest.fixture(scope="session")
+def eval_batch(val_files) -> callable:
+    """eval_batch(model_name, n): n real images (not those used for BN statistics), preprocessed."""
+    cache: dict = {}
+
+    def get(name: str, n: int = 32) -> np.ndarray:
+        key = (get_spec(name).preprocess, n)
+        if key not in cache:
+            files = val_files[7::max(len(val_files) // n, 1)][:n]
+            cache[key] = load_batch(files, get_spec(name).preprocess)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def loaded_model() -> callable:
+    """loaded_model(name, let): the seeded (or shipped, for Lite0) model, built once."""
+    cache: dict = {}
+
+    def get(name: str, let: bool = False) -> LoadedModel:
+        if (name, let) not in cache:
+            cache[(name, let)] = load_model(name, let)
+        return cache[(name, let)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, loaded_model) -> callable:
+    """exported(name, let): ExportReport of the model's ONNX in a session tmp dir."""
+    out_dir = tmp_path_factory.mktemp("onnx")
+    cache: dict = {}
+
+    def get(name: str, let: bool = False) -> ExportReport:
+        if (name, let) not in cache:
+            out = out_dir / f"{name}{'-let' if let else ''}.onnx"
+            cache[(name, let)] = export_model(ExportConfig(name, out, let=let), loaded_model(name, let))
+        return cache[(name, let)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def lite0_onnx(exported) -> Path:
+    return exported("efficientnet_lite0").output
+
+
+@pytest.fixture(scope="session")
+def scarlet_onnx(exported) -> callable:
+    return lambda name, let=False: exported(name, let).output
