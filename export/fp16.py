@@ -176,6 +176,7 @@ def convert_to_fp16(cfg: Fp16Config) -> Fp16Report:
     seconds = time.perf_counter() - t0
     write_manifest(output, {
         "kind": "onnx-fp16",
+        "precision": "fp16",
         "model": (source_manifest or {}).get("model"),
         "source": str(src),
         "source_sha256": source_sha,
