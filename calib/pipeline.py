@@ -152,8 +152,13 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
     with tempfile.TemporaryDirectory(prefix="scarlet-calib-") as d:
         trial = Path(d) / "trial.onnx"
 
+        groups = qdq.layers(bench.onnx)
+
+        def with_activations(names: list[str]) -> list[str]:
+            return [n for name in names for n in groups[name]]
+
         def build_and_eval(exclude: list[str]) -> evaluate.Accuracy:
-            qdq.quantize(bench.onnx, rng, target, trial, nodes_to_exclude=exclude)
+            qdq.quantize(bench.onnx, rng, target, trial, nodes_to_exclude=with_activations(exclude))
             return _evaluate(bench, trial) if len(bench.x_eval) else evaluate.Accuracy(0, None, None)
 
         if budget:
@@ -163,7 +168,7 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
                                        cfg.max_top1_drop, cfg.min_agreement)
         final = found.steps[-1].accuracy if len(bench.x_eval) else None  # the last step is the model kept
         with atomic_path(cfg.output) as tmp:
-            qdq.quantize(bench.onnx, rng, target, tmp, nodes_to_exclude=found.nodes_to_exclude)
+            qdq.quantize(bench.onnx, rng, target, tmp, nodes_to_exclude=with_activations(found.nodes_to_exclude))
 
     res = CalibResult(Path(cfg.output), target.name, cfg.method, source, final, found if budget else None, sens)
     if target.name == "trt":

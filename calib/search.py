@@ -45,8 +45,8 @@ def sensitivities(model_path: str | os.PathLike, ranges: dict, target: qdq.Targe
     out: list[Sensitivity] = []
     with tempfile.TemporaryDirectory(prefix="scarlet-sens-") as d:
         path = Path(d) / "one.onnx"
-        for node in tqdm(qdq.quantizable_nodes(model_path, target), desc="layer sensitivity", unit="layer", leave=False):
-            qdq.quantize(model_path, ranges, target, path, nodes_to_quantize=[node])
+        for node, group in tqdm(qdq.layers(model_path).items(), desc="layer sensitivity", unit="layer", leave=False):
+            qdq.quantize(model_path, ranges, target, path, nodes_to_quantize=group)
             acc = evaluate.accuracy(evaluate.logits(path, probe, threads=threads), None, reference)
             out.append(Sensitivity(node, ops[node], acc.logits_rmse, acc.agreement))
     return sorted(out, key=lambda s: -s.logits_rmse)
@@ -65,6 +65,8 @@ def mixed_precision(order: list[str], build_and_eval: Callable[[list[str]], eval
                     fp32_top1: float | None, max_top1_drop: float | None, min_agreement: float | None) -> SearchResult:
     """Smallest prefix of `order` (most sensitive first) to keep in float so that top-1 drop and
     agreement meet the budget; with no budget, everything is quantised."""
+    from tqdm import tqdm
+
     res = SearchResult([])
 
     def ok(a: evaluate.Accuracy) -> bool:
@@ -76,6 +78,8 @@ def mixed_precision(order: list[str], build_and_eval: Callable[[list[str]], eval
     for k in ks:
         acc = build_and_eval(order[:k])
         good = ok(acc)
+        tqdm.write(f"mixed precision: {k} layers in float: top-1 {acc.top1}, agreement {acc.agreement}"
+                   f"{' (within budget)' if good else ''}")
         res.steps.append(SearchStep(k, acc, good))
         if good:
             res.nodes_to_exclude, res.met = order[:k], True
