@@ -461,7 +461,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     from .report import environment
 
     t_start = time.perf_counter()
-    peak = measure_peak(cfg.peak_seconds, threads=cfg.threads)
+    # Sampled before and after every model, best kept: one sample taken while the machine is busy
+    # would understate the peak and overstate every "% peak".
+    peaks = [measure_peak(cfg.peak_seconds, threads=cfg.threads)]
     # Loaded once, up front: the checkpoint loader can take seconds (seeded weights re-estimate BN
     # statistics), and a missing ONNX is exported from the same LoadedModel.
     loaded = {}
@@ -480,8 +482,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     with tqdm(total=total, desc="bench", unit="round") as bar:
         for plan in plans:
             module = torch_module(loaded[plan.model].model, cfg.torch_channels_last) if "torch" in plan.artifacts else None
-            model_rows, models[plan.model] = bench_model(plan, module, cfg, peak.gflops, bar)
+            model_rows, models[plan.model] = bench_model(plan, module, cfg, bar)
             rows += model_rows
+            peaks.append(measure_peak(cfg.peak_seconds, threads=cfg.threads))
+    peak = max(peaks, key=lambda p: p.gflops)
+    for r in rows:
+        r["pct_peak"] = 100 * r["gflops"] / peak.gflops
     return {
         "environment": environment(),
         "config": {"models": cfg.models, "backends": cfg.backends, "batches": cfg.batches, "threads": cfg.threads,
@@ -489,7 +495,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "settings": {"torch": {"mode": "eval + torch.inference_mode", "threads": cfg.threads,
                                "channels_last": cfg.torch_channels_last},
                      "ort": {**asdict(cfg.ort), "provider": "CPUExecutionProvider"}},
-        "peak": peak.to_dict(),
+        "peak": {**peak.to_dict(), "samples_gflops": [p.gflops for p in peaks]},
         "tune": tune,
         "models": models,
         "results": rows,
@@ -497,7 +503,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     }
 
 
-def bench_model(plan: ModelPlan, module, cfg: BenchConfig, peak_gflops: float, bar) -> tuple[list[dict], dict]:
+def bench_model(plan: ModelPlan, module, cfg: BenchConfig, bar) -> tuple[list[dict], dict]:
     """Every backend of one model at every batch size: the rows, and the model's report entry."""
     from .flops import count_macs
 
@@ -528,7 +534,7 @@ def bench_model(plan: ModelPlan, module, cfg: BenchConfig, peak_gflops: float, b
                     bar.update(cfg.repeats)
             rounds = measure_interleaved(calls, cfg.repeats, cfg.seconds, cfg.warmup_s, progress=bar)
             stats = {b: CellStats.from_rounds(r, batch) for b, r in rounds.items()}
-            rows += [_row(plan, b, st, stats, macs.macs, peak_gflops, memory.get(b)) for b, st in stats.items()]
+            rows += [_row(plan, b, st, stats, macs.macs, memory.get(b)) for b, st in stats.items()]
     finally:
         for r in runners.values():
             r.close()
@@ -539,11 +545,11 @@ def bench_model(plan: ModelPlan, module, cfg: BenchConfig, peak_gflops: float, b
     return rows, entry
 
 
-def _row(plan: ModelPlan, backend: str, s: CellStats, stats: dict[str, CellStats], macs: int, peak_gflops: float,
+def _row(plan: ModelPlan, backend: str, s: CellStats, stats: dict[str, CellStats], macs: int,
          memory: dict[str, Any] | None) -> dict[str, Any]:
     gflops = 2 * macs * s.throughput / 1e9
     row = {"model": plan.model, "backend": backend, **asdict(s), "gflops": gflops,
-           "pct_peak": 100 * gflops / peak_gflops if peak_gflops else None,
+           "pct_peak": None,  # set once the run's best peak sample is known
            "size_mb": plan.artifacts[backend].size_mb,
            "mem_mb": (memory or {}).get("peak_mb", {}).get(str(s.batch))}
     for ref in REFERENCES:
@@ -582,7 +588,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"Measured {env['date']} on {env['machine']['cpu']} ({env['machine']['logical_cpus']} logical CPUs) by "
         f"`scarlet bench`; {data['config']['repeats']} interleaved rounds of ~{data['config']['seconds']:g} s per "
         f"backend after warm-up, whole run {data['elapsed_s']:.0f} s.",
-        f"Machine peak: {peak['gflops']:.1f} GFLOP/s ({peak['method']}, {peak['threads']} threads).",
+        f"Machine peak: {peak['gflops']:.1f} GFLOP/s ({peak['method']}, {peak['threads']} threads; best of "
+        f"{len(peak['samples_gflops'])} samples taken before and after each model).",
         f"PyTorch eager: {st['torch']['mode']}, {st['torch']['threads']} threads, "
         f"channels_last {'on' if st['torch']['channels_last'] else 'off'}. onnxruntime (CPU): {_ort_text(st['ort'])}.",
         "",

@@ -167,8 +167,10 @@ def tiny_run(tiny_build, tmp_path_factory):
     cfg = bench.BenchConfig(models=["scarlet_a"], batches=[1, 2], threads=1, build_dir=tiny_build, repeats=2,
                             seconds=0.01, warmup_s=0, memory=False, peak_seconds=0.01,
                             reports_dir=tmp_path_factory.mktemp("reports"))
-    mp.setattr("runtime.peak.measure_peak",
-               lambda seconds, threads: __import__("runtime.peak", fromlist=["Peak"]).Peak(50.0, 8, threads, seconds, "fake"))
+    from runtime.peak import Peak
+
+    samples = iter([20.0, 50.0])  # busy at the start, idle after the model: the best sample counts
+    mp.setattr("runtime.peak.measure_peak", lambda seconds, threads: Peak(next(samples), 8, threads, seconds, "fake"))
     try:
         yield bench.run_bench(cfg)
     finally:
@@ -197,6 +199,7 @@ def test_run_rows_carry_ratios_work_and_sizes(tiny_run):
             assert r["vs_torch"] == {"median": 1.0, "low": 1.0, "high": 1.0}
         lo, med, hi = r["vs_ort"]["low"], r["vs_ort"]["median"], r["vs_ort"]["high"]
         assert lo <= med <= hi
+    assert tiny_run["peak"]["gflops"] == 50.0 and tiny_run["peak"]["samples_gflops"] == [20.0, 50.0]
     json.dumps(tiny_run)  # the JSON report must serialise as is
 
 
@@ -297,7 +300,7 @@ def test_a_backend_that_cannot_run_a_batch_is_skipped_with_the_reason(tiny_build
     plan = bench.plan_model("scarlet_a", cfg)
     monkeypatch.setattr(bench, "make_runner", lambda *a, **k: _SmallProfileRunner())
     with tqdm(disable=True) as bar:
-        rows, entry = bench.bench_model(plan, None, cfg, 50.0, bar)
+        rows, entry = bench.bench_model(plan, None, cfg, bar)
     assert [(r["backend"], r["batch"]) for r in rows] == [("ort", 1)]
     assert entry["skipped"]["ort"].startswith("batch 2: batch 2 is outside")
 
