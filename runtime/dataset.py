@@ -66,10 +66,10 @@ class Dataset:
 
     def subset(self, limit: int | None) -> "Dataset":
         """`limit` images spread evenly over the (class-sorted) list, so every part of it is sampled."""
-        if not limit or limit >= len(self.items):
-            return self
-        if limit < 1:
+        if limit is not None and limit < 1:
             raise ScarletError(f"--limit must be at least 1 (got {limit}).")
+        if limit is None or limit >= len(self.items):
+            return self
         n = len(self.items)
         picked = [self.items[i * n // limit] for i in range(limit)]
         return Dataset(self.root, self.layout, self.label_source, picked, self.ignored)
