@@ -32,10 +32,10 @@ $(STAMP): pyproject.toml constraints.txt
 export: setup
 	$(SCARLET) export-all --models $(MODELS) $(ckpt_arg) --out-dir $(BUILD)
 
-## make verify [MODEL=...] [CKPT=...] [VAL_DIR=...] [LIMIT=N]
+## make verify [MODEL=...] [LET=1] [CKPT=...] [VAL_DIR=...] [LIMIT=N]: PyTorch vs every build/<model>*.onnx; exit 1 on failure
 verify: setup
-	$(SCARLET) verify --model $(MODEL) $(ckpt_arg) --auto-onnx $(BUILD) $(val_arg) $(limit_arg) \
-	  --json $(REPORTS)/verify-$(MODEL).json --markdown $(REPORTS)/verify-$(MODEL).md
+	$(SCARLET) verify --model $(MODEL) $(if $(LET),--let) $(ckpt_arg) --auto-onnx $(BUILD) $(val_arg) $(limit_arg) \
+	  --json $(REPORTS)/verify-$(MODEL)$(if $(LET),-let).json --markdown $(REPORTS)/verify-$(MODEL)$(if $(LET),-let).md
 
 ## make calib [MODEL=...]: INT8 Q/DQ ONNX for onnxruntime and TensorRT
 calib: setup
