@@ -152,7 +152,7 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
     with tempfile.TemporaryDirectory(prefix="scarlet-calib-") as d:
         trial = Path(d) / "trial.onnx"
 
-        groups = qdq.layers(bench.onnx)
+        groups = qdq.layers(bench.onnx, target)
 
         def with_activations(names: list[str]) -> list[str]:
             return [n for name in names for n in groups[name]]
@@ -166,7 +166,7 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
                                         bench.ref_probe, threads=bench.threads)
         found = search.mixed_precision([s.node for s in sens], build_and_eval, bench.fp32.top1,
                                        cfg.max_top1_drop, cfg.min_agreement)
-        final = found.steps[-1].accuracy if len(bench.x_eval) else None  # the last step is the model kept
+        final = found.kept.accuracy if len(bench.x_eval) and found.kept else None
         with atomic_path(cfg.output) as tmp:
             qdq.quantize(bench.onnx, rng, target, tmp, nodes_to_exclude=with_activations(found.nodes_to_exclude))
 

@@ -138,23 +138,43 @@ def _drop_qdq_before_fused_add(model) -> int:
 
 
 ACTIVATIONS = ("Relu", "Clip")
+# Other ops whose quantisation the search may undo (data movement such as Reshape/Flatten only
+# follows its neighbours' Q/DQ and is not a layer of its own).
+ARITHMETIC = ("Add", "Mul", "GlobalAveragePool", "AveragePool", "MaxPool", "Sigmoid", "Relu", "Clip",
+              "LeakyRelu", "Concat", "Softmax")
 
 
-def layers(model_path: str | os.PathLike) -> dict[str, list[str]]:
-    """Weighted layer name -> the nodes it stands for: itself plus a ReLU/Clip it alone feeds.
-    onnxruntime folds such an activation into the layer's output Q/DQ (its range becomes the
-    layer's), so quantising or excluding one without the other measures the wrong thing
-    (measured on Lite0: the stem conv alone looked 0.34 logits-RMSE sensitive, with its ReLU6 0.0x)."""
+def _target_ops(target: Target) -> set[str]:
+    if target.op_types:
+        return set(target.op_types)
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return set(QDQRegistry) | set(QLinearOpsRegistry)  # what quantize_static uses when given none
+
+
+def layers(model_path: str | os.PathLike, target: Target) -> dict[str, list[str]]:
+    """Layer name -> the nodes it stands for, for every node `target` quantises that the search may
+    keep in float. A weighted layer includes a ReLU/Clip it alone feeds: onnxruntime folds that
+    activation into the layer's output Q/DQ (its range becomes the layer's), so quantising or
+    excluding one without the other measures the wrong thing (measured on Lite0: the stem conv
+    alone looked 0.34 logits-RMSE sensitive, with its ReLU6 0.04)."""
     import onnx
 
     g = onnx.load(str(model_path), load_external_data=False).graph
+    ops = _target_ops(target)
     consumers: dict[str, list] = {}
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     out: dict[str, list[str]] = {}
+    absorbed: set[str] = set()
     for n in g.node:
-        if n.op_type in WEIGHTED_OPS:
+        if n.op_type in WEIGHTED_OPS and n.op_type in ops:
             nxt = consumers.get(n.output[0], [])
-            out[n.name] = [n.name] + ([nxt[0].name] if len(nxt) == 1 and nxt[0].op_type in ACTIVATIONS else [])
+            act = [nxt[0].name] if len(nxt) == 1 and nxt[0].op_type in ACTIVATIONS else []
+            out[n.name] = [n.name] + act
+            absorbed.update(act)
+    for n in g.node:
+        if n.op_type in ARITHMETIC and n.op_type in ops and n.name not in absorbed:
+            out[n.name] = [n.name]
     return out

@@ -33,10 +33,15 @@ class SearchResult:
     steps: list[SearchStep] = field(default_factory=list)
     met: bool = False
 
+    @property
+    def kept(self) -> SearchStep | None:
+        """The step that measured the model being kept."""
+        return next((s for s in reversed(self.steps) if s.kept_float == len(self.nodes_to_exclude)), None)
+
 
 def sensitivities(model_path: str | os.PathLike, ranges: dict, target: qdq.Target, probe: np.ndarray,
                   reference: np.ndarray, threads: int | None = None) -> list[Sensitivity]:
-    """Quantise one weighted layer at a time (ranges reused, nothing recalibrated) and measure how far
+    """Quantise one layer at a time (ranges reused, nothing recalibrated) and measure how far
     the network output moves on the few `probe` images; most sensitive first."""
     import onnx
     from tqdm import tqdm
@@ -45,7 +50,7 @@ def sensitivities(model_path: str | os.PathLike, ranges: dict, target: qdq.Targe
     out: list[Sensitivity] = []
     with tempfile.TemporaryDirectory(prefix="scarlet-sens-") as d:
         path = Path(d) / "one.onnx"
-        for node, group in tqdm(qdq.layers(model_path).items(), desc="layer sensitivity", unit="layer", leave=False):
+        for node, group in tqdm(qdq.layers(model_path, target).items(), desc="layer sensitivity", unit="layer", leave=False):
             qdq.quantize(model_path, ranges, target, path, nodes_to_quantize=group)
             acc = evaluate.accuracy(evaluate.logits(path, probe, threads=threads), None, reference)
             out.append(Sensitivity(node, ops[node], acc.logits_rmse, acc.agreement))
@@ -74,16 +79,32 @@ def mixed_precision(order: list[str], build_and_eval: Callable[[list[str]], eval
         agree_ok = min_agreement is None or a.agreement is None or a.agreement >= min_agreement - 1e-9
         return drop_ok and agree_ok
 
-    ks = schedule(len(order)) if (max_top1_drop is not None or min_agreement is not None) else [0]
-    for k in ks:
+    def step(k: int) -> bool:
         acc = build_and_eval(order[:k])
         good = ok(acc)
+        res.steps.append(SearchStep(k, acc, good))
         tqdm.write(f"mixed precision: {k} layers in float: top-1 {acc.top1}, agreement {acc.agreement}"
                    f"{' (within budget)' if good else ''}")
-        res.steps.append(SearchStep(k, acc, good))
-        if good:
-            res.nodes_to_exclude, res.met = order[:k], True
+        return good
+
+    ks = schedule(len(order)) if (max_top1_drop is not None or min_agreement is not None) else [0]
+    lo = hi = None
+    for k in ks:
+        if step(k):
+            hi = k
             break
-    else:
+        lo = k
+    if hi is None:
         res.nodes_to_exclude = order[:ks[-1]]
+        return res
+    # The schedule grows in jumps; bisect between the last failing and the first passing count
+    # for the fewest float layers (accuracy is not strictly monotonic in k, so this is a heuristic).
+    best = hi
+    while lo is not None and best - lo > 1:
+        mid = (lo + best) // 2
+        if step(mid):
+            best = mid
+        else:
+            lo = mid
+    res.nodes_to_exclude, res.met = order[:best], True
     return res

@@ -199,3 +199,24 @@ def test_calibration_is_reproducible_and_a_foreign_cache_is_refused(lite0_onnx, 
         calibrate(_cfg(scarlet_onnx("scarlet_a"), val_dir, tmp_path / "a.int8.onnx", cache=tmp_path / "run0" / "cache.json",
                        seed=5))
     assert not (tmp_path / "a.int8.onnx").exists(), "nothing written when the cache is refused"
+
+
+def test_mixed_precision_keeps_the_fewest_layers_that_meet_the_budget():
+    from calib import evaluate, search
+
+    order = [f"conv{i}" for i in range(20)]
+    calls = []
+
+    def fake(exclude):  # top-1 recovers by 0.25 points per layer kept in float, from 85 (FP32 88)
+        calls.append(len(exclude))
+        return evaluate.Accuracy(100, 85.0 + 0.25 * len(exclude), 99.0, 90.0 + 0.5 * len(exclude))
+
+    res = search.mixed_precision(order, fake, 88.0, 0.5, None)
+    assert res.met and res.nodes_to_exclude == order[:10]  # 85 + 2.5 = 87.5: a drop of exactly 0.5
+    assert res.kept.kept_float == 10 and res.kept.within_budget
+    assert len(calls) < 11, "the search must not try every count from 0 to 10"
+    res = search.mixed_precision(order, fake, 88.0, 0.5, 97.0)
+    assert res.nodes_to_exclude == order[:14]
+    impossible = search.mixed_precision(order, fake, 88.0, -5.0, None)
+    assert not impossible.met and impossible.nodes_to_exclude == order
+    assert search.mixed_precision(order, fake, 88.0, None, None).nodes_to_exclude == []
