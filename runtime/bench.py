@@ -603,9 +603,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         "Work per image: " + ", ".join(f"{m} {v['macs']['macs'] / 1e6:.0f}M MACs" for m, v in data["models"].items()) + ".",
     ]
-    skipped = [(m, b, why) for m, v in data["models"].items() for b, why in v["skipped"].items()]
+    skipped = skipped_lines(data)
     if skipped:
-        lines += ["", "Not measured:"] + [f"- {m} {BACKEND_LABELS.get(b, b)}: {why}." for m, b, why in skipped]
+        lines += ["", "Not measured:"] + skipped
     if data.get("tune"):
         t = data["tune"]
         kept = t["winner"] == t["default"]
@@ -614,6 +614,22 @@ def render_markdown(data: dict[str, Any]) -> str:
                       + ("default kept (gain within the noise margin)." if kept else "used for this run.")]
     lines += ["", "Summary (largest batch speed-ups; batch-1 p50 latency ratios):"] + summary_lines(data)
     return "\n".join(lines) + "\n"
+
+
+def skipped_lines(data: dict[str, Any]) -> list[str]:
+    """One line per reason (TensorRT missing is one line, not one per model and precision)."""
+    by_reason: dict[str, dict[str, list[str]]] = {}
+    for m, v in data["models"].items():
+        for b, why in v["skipped"].items():
+            by_reason.setdefault(why, {}).setdefault(m, []).append(BACKEND_LABELS.get(b, b))
+    lines = []
+    for why, per_model in by_reason.items():
+        by_backends: dict[tuple[str, ...], list[str]] = {}
+        for m, backends in per_model.items():
+            by_backends.setdefault(tuple(backends), []).append(m)
+        for backends, models in by_backends.items():
+            lines.append(f"- {', '.join(backends)} ({', '.join(models)}): {why}.")
+    return lines
 
 
 README_BEGIN, README_END = "<!-- scarlet bench: begin -->", "<!-- scarlet bench: end -->"

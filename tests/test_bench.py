@@ -375,3 +375,12 @@ def test_macs_of_the_real_exports(lite0_onnx, scarlet_onnx):
     assert count_macs(scarlet_onnx("scarlet_a")).macs / 1e6 == pytest.approx(365, abs=1)
     lite0 = count_macs(lite0_onnx)
     assert lite0.macs / 1e6 == pytest.approx(385, abs=2) and lite0.uncounted == []
+
+
+def test_skips_with_one_reason_are_one_line():
+    data = {"models": {
+        "scarlet_a": {"skipped": {"ort-int8": "no INT8 a", "trt-fp32": "no TensorRT", "trt-fp16": "no TensorRT"}},
+        "scarlet_b": {"skipped": {"trt-fp32": "no TensorRT", "trt-fp16": "no TensorRT"}},
+    }}
+    assert bench.skipped_lines(data) == ["- ORT INT8 (scarlet_a): no INT8 a.",
+                                         "- TensorRT FP32, TensorRT FP16 (scarlet_a, scarlet_b): no TensorRT."]
