@@ -434,7 +434,7 @@ def known_accuracy(plan: ModelPlan, reports_dir: Path) -> dict[str, float]:
 
     `make calib` writes reports/calib-<model>.json (FP32 and INT8 top-1 on held-out images);
     it is used only when it was made from the very ONNX benchmarked here (sha256).
-    `scarlet verify` results (reports/verify-<model>.json, {"backends": {name: {"top1": ...}}}) add to it.
+    `scarlet verify` (reports/verify-<model>.json: PyTorch reference and one row per backend file) adds to it.
     """
     from export.artifacts import sha256_file
 
@@ -448,9 +448,16 @@ def known_accuracy(plan: ModelPlan, reports_dir: Path) -> dict[str, float]:
             if t.get("target") == "ort" and int8 and Path(t.get("output", "")).name == int8.path.name \
                     and (t.get("int8") or {}).get("top1") is not None:
                 out["ort-int8"] = float(t["int8"]["top1"])
-    for name, entry in (_read_json(reports_dir / f"verify-{plan.model}.json").get("backends") or {}).items():
-        if isinstance(entry, dict) and isinstance(entry.get("top1"), (int, float)):
-            out[name] = float(entry["top1"])
+    verify = _read_json(reports_dir / f"verify-{plan.model}.json")
+    if verify:  # top-1 there is a fraction; rows are matched to what is benchmarked by file name
+        ref = verify.get("reference") or {}
+        if ref.get("top1") is not None and "torch" in plan.artifacts:
+            out["torch"] = 100 * float(ref["top1"])
+        names = {a.path.name: b for b, a in plan.artifacts.items() if a.path is not None}
+        for row in verify.get("backends") or []:
+            b = names.get(Path(row.get("path") or "").name)
+            if b and row.get("top1") is not None:
+                out[b] = 100 * float(row["top1"])
     return out
 
 

@@ -384,3 +384,14 @@ def test_skips_with_one_reason_are_one_line():
     }}
     assert bench.skipped_lines(data) == ["- ORT INT8 (scarlet_a): no INT8 a.",
                                          "- TensorRT FP32, TensorRT FP16 (scarlet_a, scarlet_b): no TensorRT."]
+
+
+def test_accuracy_from_verify_rows_matched_by_file(tiny_build, tmp_path):
+    onnx_path = tiny_build / "scarlet_a.onnx"
+    plan = bench.ModelPlan("scarlet_a", onnx_path, 16, {"torch": bench.Artifact("torch", None, 0),
+                                                        "ort": bench.Artifact("ort", onnx_path, 0)}, {})
+    verify = {"reference": {"name": "pytorch", "top1": 0.88},
+              "backends": [{"name": "onnxruntime", "path": f"/elsewhere/{onnx_path.name}", "top1": 0.875},
+                           {"name": "tensorrt", "path": "build/scarlet_a.fp16.plan", "top1": 0.5}]}
+    (tmp_path / "verify-scarlet_a.json").write_text(json.dumps(verify))
+    assert bench.known_accuracy(plan, tmp_path) == pytest.approx({"torch": 88.0, "ort": 87.5})
