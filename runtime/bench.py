@@ -93,8 +93,13 @@ def round_orders(names: Sequence[str], repeats: int) -> list[list[str]]:
 
 
 def measure_interleaved(calls: dict[str, Callable[[], list[float]]], repeats: int, seconds: float,
-                        warmup_s: float = 0.5, min_calls: int = 3, progress=None) -> dict[str, list[list[float]]]:
-    """Run each timed call (returns latencies in s of the runs it made) for ~`seconds` per round, interleaved."""
+                        warmup_s: float = 0.5, min_calls: int = 3, progress=None,
+                        settle_s: float = 0.05) -> dict[str, list[list[float]]]:
+    """Run each timed call (returns latencies in s of the runs it made) for ~`seconds` per round, interleaved.
+
+    Between rounds the machine idles `settle_s`: onnxruntime's and OpenMP's worker threads spin
+    for a while after their last task, and must not steal cores from the next backend's round.
+    """
     for call in calls.values():  # warm-up: thread pools, arenas, lazy init, caches; not recorded
         start, n = time.perf_counter(), 0
         while n < 2 or time.perf_counter() - start < warmup_s:
@@ -103,6 +108,7 @@ def measure_interleaved(calls: dict[str, Callable[[], list[float]]], repeats: in
     out: dict[str, list[list[float]]] = {name: [] for name in calls}
     for order in round_orders(list(calls), repeats):
         for name in order:
+            time.sleep(settle_s)
             lat: list[float] = []
             start = time.perf_counter()
             while len(lat) < min_calls or time.perf_counter() - start < seconds:
