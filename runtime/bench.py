@@ -496,6 +496,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         for plan in plans:
             module = torch_module(loaded[plan.model].model, cfg.torch_channels_last) if "torch" in plan.artifacts else None
             model_rows, models[plan.model] = bench_model(plan, module, cfg, bar)
+            models[plan.model]["weights"] = getattr(loaded.get(plan.model), "source", None)  # pretrained or seeded
             rows += model_rows
             peaks.append(measure_peak(cfg.peak_seconds, threads=cfg.threads))
     peak = max(peaks, key=lambda p: p.gflops)
@@ -778,7 +779,7 @@ def run(args) -> int:
                       reports_dir=args.reports_dir)
     from .report import write_reports
 
-    data = run_bench(cfg)
+    data = {"command": " ".join(["scarlet", *sys.argv[1:]]), **run_bench(cfg)}
     md = render_markdown(data)
     write_reports(data, md, args.json, args.markdown)
     if args.plot:
