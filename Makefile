@@ -18,7 +18,7 @@ ckpt_arg  = $(if $(CKPT),--checkpoint $(CKPT))
 val_arg   = $(if $(VAL_DIR),--val-dir $(VAL_DIR))
 limit_arg = $(if $(LIMIT),--limit $(LIMIT))
 
-.PHONY: setup export verify calib engine bench gpu-check test test-all clean
+.PHONY: setup export verify calib engine bench gpu-check test test-fast clean
 
 setup: $(STAMP)
 
@@ -49,10 +49,11 @@ engine: setup
 	  $(if $(filter int8,$(PRECISION)),--int8-onnx $(BUILD)/$(MODEL).int8-trt.onnx) \
 	  $(if $(BATCH),--batch $(BATCH)) --timing-cache $(BUILD)/timing.cache -o $(BUILD)/$(MODEL).$(PRECISION).plan
 
-## make bench: every backend side by side; writes reports/bench.{json,md,png}
+## make bench [BENCH_ARGS="--readme README.md"]: every backend side by side; writes reports/bench.{json,md,png}
+BENCH_ARGS ?=
 bench: setup
 	$(SCARLET) bench --tune --build-dir $(BUILD) --reports-dir $(REPORTS) --json $(REPORTS)/bench.json \
-	  --markdown $(REPORTS)/bench.md --plot $(REPORTS)/bench.png
+	  --markdown $(REPORTS)/bench.md --plot $(REPORTS)/bench.png $(BENCH_ARGS)
 
 ## make gpu-check: TensorRT fp32/fp16/int8 engines for every model, verified and benchmarked
 gpu-check: setup
