@@ -12,6 +12,7 @@ Model parity gates the exit code per precision; pipeline parity is reported, not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -159,7 +160,7 @@ def resolve_backends(cfg: VerifyConfig, loaded) -> tuple[list[Backend], list[str
             from export.onnx_export import ExportConfig, export_model
 
             out = Path(cfg.auto_onnx) / f"{cfg.model}{'-let' if cfg.let else ''}.onnx"
-            notes.append(f"no ONNX for {cfg.model} in {cfg.auto_onnx}: exported {out} first")
+            notes.append(f"no ONNX for {cfg.model}{' +LET' if cfg.let else ''} in {cfg.auto_onnx}: exported {out} first")
             print(notes[-1])
             export_model(ExportConfig(cfg.model, out, cfg.let, cfg.checkpoint, seed=cfg.seed), loaded)
             auto = [out]
@@ -224,10 +225,13 @@ class Comparison:
         self.disagreements: list[dict[str, Any]] = []
         self.seconds = 0.0
 
-    def update(self, ref: np.ndarray, out: np.ndarray, items: list) -> None:
+    def update(self, ref: np.ndarray, out: np.ndarray, items: list, since: float | None = None) -> None:
+        """Add a batch; `since`: perf_counter() before the backend ran, to account its inference time."""
         from . import classes
         from .predict import softmax
 
+        if since is not None:
+            self.seconds += time.perf_counter() - since
         self.accuracy.update(out, [it.label for it in items])
         self.images += len(out)
         r1, o1 = ref.argmax(1), out.argmax(1)
@@ -323,46 +327,36 @@ def verify(cfg: VerifyConfig, loaded=None) -> VerifyReport:
 
     reference = Accuracy()
     torch_runner = TorchRunner(loaded.model, threads=threads).load()
-    runners = [_runner(b, threads).load() for b in backends]
     stats = [Comparison() for _ in backends]
     pipeline = Comparison()
     skipped: list[dict[str, str]] = []
     torch_seconds = wait_seconds = 0.0
     decoded = 0
     workers = (os.cpu_count() or 1) if cfg.workers is None else cfg.workers
-    t_start = time.perf_counter()
-    bar = tqdm(total=len(ds.items), unit="img", desc=f"verify {cfg.model}", disable=not cfg.progress, dynamic_ncols=True)
-    try:
+    with contextlib.ExitStack() as stack:
+        runners = [stack.enter_context(_runner(b, threads)) for b in backends]  # loaded: a GPU/file problem stops us here
+        t_start = time.perf_counter()
+        bar = stack.enter_context(tqdm(total=len(ds.items), unit="img", desc=f"verify {cfg.model}",
+                                       disable=not cfg.progress, dynamic_ncols=True))
         t_wait = time.perf_counter()
         for batch in stream_batches(ds, spec.preprocess, pipelines, cfg.batch, workers):
             wait_seconds += time.perf_counter() - t_wait
             skipped += batch.skipped
-            if not batch.items:
-                bar.update(len(batch.skipped))
-                t_wait = time.perf_counter()
-                continue
-            x = batch.tensors["reference"]
-            t0 = time.perf_counter()
-            ref = torch_runner.infer(x)
-            torch_seconds += time.perf_counter() - t0
-            reference.update(ref, [it.label for it in batch.items])
-            decoded += len(batch.items)
-            for b, runner, st in zip(backends, runners, stats):
+            if batch.items:
+                x = batch.tensors["reference"]
                 t0 = time.perf_counter()
-                out = runner.infer(x)
-                st.seconds += time.perf_counter() - t0
-                st.update(ref, out, batch.items)
-                if b is deploy_on:
+                ref = torch_runner.infer(x)
+                torch_seconds += time.perf_counter() - t0
+                reference.update(ref, [it.label for it in batch.items])
+                decoded += len(batch.items)
+                for b, runner, st in zip(backends, runners, stats):
                     t0 = time.perf_counter()
-                    out = runner.infer(batch.tensors["deploy"])
-                    pipeline.seconds += time.perf_counter() - t0
-                    pipeline.update(ref, out, batch.items)
+                    st.update(ref, runner.infer(x), batch.items, since=t0)
+                    if b is deploy_on:
+                        t0 = time.perf_counter()
+                        pipeline.update(ref, runner.infer(batch.tensors["deploy"]), batch.items, since=t0)
             bar.update(len(batch.items) + len(batch.skipped))
             t_wait = time.perf_counter()
-    finally:
-        bar.close()
-        for r in runners:
-            r.close()
     seconds = time.perf_counter() - t_start
     if not decoded:
         raise ScarletError(f"none of the {len(ds.items)} images could be read ({skipped[0]['why'] if skipped else ''}); "

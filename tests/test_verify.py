@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from export.artifacts import manifest_path, read_manifest
+from export.artifacts import manifest_path
 from export.errors import ScarletError
 from runtime import verify as V
 from runtime.cli import main
@@ -85,31 +85,50 @@ def test_cli_exits_nonzero_on_a_small_logit_error(tmp_path, val_dir, lite0_onnx)
 
 
 @pytest.mark.slow
-def test_seeded_scarlet_passes_on_sample_photos(tmp_path, monkeypatch, scarlet_onnx, capsys):
+def test_seeded_scarlet_passes(val_dir, scarlet_onnx, loaded_model):
+    cfg = V.VerifyConfig("scarlet_a", onnx=[scarlet_onnx("scarlet_a")], val_dir=val_dir, limit=16, workers=0,
+                         pipeline_parity=False, progress=False)
+    r = V.verify(cfg, loaded_model("scarlet_a"))
+    b = r.backends[0]
+    assert r.passed and r.model["pretrained"] is False and r.pipeline is None
+    assert b["top1_agreement"] == 1.0 and b["max_rel_error"] < 1e-3 and b["images"] == 16
+
+
+@pytest.mark.slow
+def test_cli_on_sample_photos_passes_without_labels(tmp_path, monkeypatch, lite0_onnx, capsys):
     # No --val-dir and no shared sample: the photos installed packages ship, without labels.
     monkeypatch.setattr("runtime.dataset.default_val_dir", lambda: None)
     js = tmp_path / "r.json"
-    rc = main(["verify", "--model", "scarlet_a", "--onnx", str(scarlet_onnx("scarlet_a")), "--workers", "0",
-               "--quiet", "--json", str(js)])
-    assert rc == 0, capsys.readouterr()
+    rc = main(["verify", "--model", LITE0, "--onnx", str(lite0_onnx), "--workers", "0", "--quiet", "--json", str(js)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
     data = json.loads(js.read_text())
     b = data["backends"][0]
-    assert data["dataset"]["layout"] == "photos" and data["model"]["pretrained"] is False
-    assert b["top1_agreement"] == 1.0 and b["max_rel_error"] < 1e-3 and b["top1"] is None
-    assert "n/a" in capsys.readouterr().out
+    assert data["passed"] and data["dataset"]["layout"] == "photos" and data["dataset"]["classes_present"] is None
+    assert b["top1_agreement"] == 1.0 and b["top1"] is None and data["reference"]["top1"] is None
+    assert "photos at" in out and "n/a" in out
 
 
-def test_backend_from_other_weights_or_model_is_refused(tmp_path, lite0_onnx):
-    other = tmp_path / "lite0.onnx"
-    shutil.copy(lite0_onnx, other)
-    m = read_manifest(lite0_onnx)
-    manifest_path(other).write_text(json.dumps({**m, "checkpoint_sha256": "0" * 64}))
-    b = V.describe_backend(other)
+def test_backend_from_other_weights_or_model_is_refused(tmp_path):
+    def art(name: str, manifest: dict) -> V.Backend:
+        (tmp_path / name).write_bytes(b"")
+        manifest_path(tmp_path / name).write_text(json.dumps(manifest))
+        return V.describe_backend(tmp_path / name)
+
+    fp32 = art("lite0.onnx", {"model": LITE0, "let": False, "checkpoint_sha256": "a" * 64, "precision": "fp32"})
+    V.check_weights(fp32, LITE0, False, "a" * 64)
     with pytest.raises(ScarletError, match="other weights"):
-        V.check_weights(b, LITE0, False, m["checkpoint_sha256"])
+        V.check_weights(fp32, LITE0, False, "b" * 64)
     with pytest.raises(ScarletError, match="not scarlet_a"):
-        V.check_weights(V.describe_backend(lite0_onnx), "scarlet_a", False, m["checkpoint_sha256"])
-    V.check_weights(V.describe_backend(lite0_onnx), LITE0, False, m["checkpoint_sha256"])
+        V.check_weights(fp32, "scarlet_a", False, "a" * 64)
+    # An INT8 model is judged by the export it was quantised from.
+    int8 = art("lite0.int8.onnx", {"model": LITE0, "precision": "int8", "source_onnx": str(tmp_path / "lite0.onnx")})
+    assert int8.precision == "int8"
+    with pytest.raises(ScarletError, match="other weights"):
+        V.check_weights(int8, LITE0, False, "b" * 64)
+    let = art("a-let.onnx", {"model": "scarlet_a", "let": True, "checkpoint_sha256": "s", "precision": "fp32"})
+    with pytest.raises(ScarletError, match="--let"):
+        V.check_weights(let, "scarlet_a", False, "s")
 
 
 def _tiny(path: Path, ops: list, inits: list) -> Path:
@@ -163,3 +182,11 @@ def test_auto_onnx_finds_this_models_artifacts_only(tmp_path):
 def test_nothing_to_verify_is_a_clear_error():
     with pytest.raises(ScarletError, match="nothing to verify"):
         V.resolve_backends(V.VerifyConfig(LITE0), loaded=None)
+
+
+def test_engine_that_cannot_run_here_is_a_clear_error(tmp_path, loaded_model):
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"not a plan")
+    # No GPU/TensorRT: the runner says what to install; with them: the plan has no manifest. Either is clear.
+    with pytest.raises(ScarletError):
+        V.verify(V.VerifyConfig(LITE0, engines=[plan], limit=1, workers=0, progress=False), loaded_model(LITE0))
