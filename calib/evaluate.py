@@ -20,11 +20,15 @@ class Accuracy:
         return asdict(self)
 
 
-def logits(onnx_path: str | os.PathLike, images: np.ndarray, batch: int = 16, threads: int | None = None) -> np.ndarray:
+def logits(onnx_path: str | os.PathLike, images: np.ndarray, batch: int = 16, threads: int | None = None,
+           fake_quant: bool = False) -> np.ndarray:
+    """Logits through onnxruntime. `fake_quant` turns graph optimisations off, so Q/DQ pairs run as
+    float quantise-dequantise around float kernels: the arithmetic an explicit-quantization
+    engine such as TensorRT emulates, instead of onnxruntime's own integer kernels."""
     from runtime.backends import OrtRunner
     from runtime.ort import OrtOptions
 
-    with OrtRunner(onnx_path, options=OrtOptions(threads=threads)) as r:
+    with OrtRunner(onnx_path, options=OrtOptions(threads=threads, opt_level="disable" if fake_quant else "all")) as r:
         return np.concatenate([r.infer(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 

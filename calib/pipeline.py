@@ -131,8 +131,9 @@ def _ranges(bench: Bench, target: qdq.Target, method: str, cache_path: Path | No
     return r, "calibration"
 
 
-def _evaluate(bench: Bench, path: Path) -> evaluate.Accuracy:
-    return evaluate.accuracy(evaluate.logits(path, bench.x_eval, threads=bench.threads), bench.y_eval, bench.ref_eval)
+def _evaluate(bench: Bench, path: Path, target: qdq.Target) -> evaluate.Accuracy:
+    out = evaluate.logits(path, bench.x_eval, threads=bench.threads, fake_quant=target.fake_quant_eval)
+    return evaluate.accuracy(out, bench.y_eval, bench.ref_eval)
 
 
 def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
@@ -159,7 +160,7 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
 
         def build_and_eval(exclude: list[str]) -> evaluate.Accuracy:
             qdq.quantize(bench.onnx, rng, target, trial, nodes_to_exclude=with_activations(exclude))
-            return _evaluate(bench, trial) if len(bench.x_eval) else evaluate.Accuracy(0, None, None)
+            return _evaluate(bench, trial, target) if len(bench.x_eval) else evaluate.Accuracy(0, None, None)
 
         if budget:
             sens = search.sensitivities(bench.onnx, rng, target, bench.x_calib[:len(bench.ref_probe)],
@@ -189,8 +190,10 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
         "sha256": sha256_file(cfg.output),
         "method": cfg.method,
         "ranges_from": source,
-        "quantization": {"activations": target.activation_type, "weights": "QInt8 per-channel",
-                         "symmetric_activations": target.symmetric, "reduce_range": target.reduce_range},
+        "quantization": {"activations": target.activation_type, "weights": f"{target.weight_type} per-channel",
+                         "symmetric_activations": target.symmetric, "reduce_range": target.reduce_range,
+                         "accuracy_measured_with": "fake-quant (Q/DQ in float)" if target.fake_quant_eval
+                         else "onnxruntime CPU integer kernels"},
         "calibration_images": {"count": len(bench.split.calib), "seed": cfg.seed, "dir": str(cfg.images)},
         "evaluation_images": {"count": len(bench.split.eval), "disjoint_from_calibration": True},
         "nodes_kept_float": found.nodes_to_exclude,
@@ -217,7 +220,7 @@ def compare_methods(bench: Bench, target: qdq.Target, known: dict[str, dict]) ->
             rng = known.get(m) or ranges_mod.compute_ranges(bench.stats(), m, target.symmetric)
             path = Path(d) / f"{m}.onnx"
             qdq.quantize(bench.onnx, rng, target, path)
-            out[m] = _evaluate(bench, path).as_dict()
+            out[m] = _evaluate(bench, path, target).as_dict()
     return out
 
 

@@ -52,7 +52,8 @@ def sensitivities(model_path: str | os.PathLike, ranges: dict, target: qdq.Targe
         path = Path(d) / "one.onnx"
         for node, group in tqdm(qdq.layers(model_path, target).items(), desc="layer sensitivity", unit="layer", leave=False):
             qdq.quantize(model_path, ranges, target, path, nodes_to_quantize=group)
-            acc = evaluate.accuracy(evaluate.logits(path, probe, threads=threads), None, reference)
+            acc = evaluate.accuracy(evaluate.logits(path, probe, threads=threads, fake_quant=target.fake_quant_eval),
+                                    None, reference)
             out.append(Sensitivity(node, ops[node], acc.logits_rmse, acc.agreement))
     return sorted(out, key=lambda s: -s.logits_rmse)
 
