@@ -174,6 +174,17 @@ def resolve_backends(cfg: VerifyConfig, loaded) -> tuple[list[Backend], list[str
     return backends, notes
 
 
+def calibration_overlap(backends: list[Backend], root: Path) -> list[str]:
+    """Say so when an INT8 model was calibrated on images from the folder its accuracy is measured on."""
+    notes = []
+    for b in backends:
+        cal = (b.manifest or {}).get("calibration_images") or {}
+        if cal.get("dir") and Path(cal["dir"]).resolve() == Path(root).resolve():
+            notes.append(f"{b.name} was calibrated on {cal.get('count', '?')} images of this same folder: "
+                         "its accuracy here overlaps its calibration set (use a disjoint --val-dir for a clean number)")
+    return notes
+
+
 def _runner(b: Backend, threads: int | None):
     if b.kind == "trt":
         from .tensorrt import TrtRunner  # only with --engine: needs a GPU and TensorRT
@@ -318,6 +329,8 @@ def verify(cfg: VerifyConfig, loaded=None) -> VerifyReport:
     full = open_dataset(cfg.val_dir) if cfg.val_dir else default_dataset()
     ds = full.subset(cfg.limit)
     spec = get_spec(cfg.model)
+
+    notes += calibration_overlap(backends, full.root)
 
     # Pipeline parity on the first FP32 ONNX only: decoding every image twice costs, one backend shows the effect.
     deploy_on = next((b for b in backends if b.kind == "ort" and b.precision == "fp32"), None) if cfg.pipeline_parity else None

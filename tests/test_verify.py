@@ -190,3 +190,11 @@ def test_engine_that_cannot_run_here_is_a_clear_error(tmp_path, loaded_model):
     # No GPU/TensorRT: the runner says what to install; with them: the plan has no manifest. Either is clear.
     with pytest.raises(ScarletError):
         V.verify(V.VerifyConfig(LITE0, engines=[plan], limit=1, workers=0, progress=False), loaded_model(LITE0))
+
+
+def test_int8_calibrated_on_the_same_folder_is_flagged(tmp_path):
+    b = V.Backend("m.int8.onnx", "ort", tmp_path / "m.int8.onnx", "int8",
+                  {"precision": "int8", "calibration_images": {"count": 128, "dir": str(tmp_path / "val")}})
+    (tmp_path / "val").mkdir()
+    assert "overlaps its calibration set" in V.calibration_overlap([b], tmp_path / "val")[0]
+    assert V.calibration_overlap([b], tmp_path) == []
