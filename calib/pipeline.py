@@ -224,7 +224,20 @@ def compare_methods(bench: Bench, target: qdq.Target, known: dict[str, dict]) ->
     return out
 
 
+def _check_cache_first(cfg: CalibConfig) -> None:
+    """Refuse a stale cache before minutes of image loading and inference, not after."""
+    from export.artifacts import sha256_file
+
+    if cfg.cache is None or not Path(cfg.cache).exists() or cfg.refresh_stale_cache or not Path(cfg.onnx).is_file():
+        return
+    split = images.split_images(cfg.images, cfg.num_images, cfg.seed, cfg.eval_dir, cfg.num_eval)
+    cache_mod.load(cfg.cache, cache_mod.Provenance(
+        model_name(Path(cfg.onnx), cfg.model), sha256_file(cfg.onnx), cfg.method, qdq.get_target(cfg.target).name,
+        cfg.seed, tuple(images.relative_names(split.calib))))
+
+
 def calibrate(cfg: CalibConfig) -> tuple[Bench, CalibResult]:
+    _check_cache_first(cfg)
     bench = prepare(cfg.onnx, cfg.images, cfg.num_images, cfg.seed, cfg.eval_dir, cfg.num_eval, cfg.model,
                     cfg.sensitivity_images, cfg.threads)
     res = calibrate_target(bench, cfg)
