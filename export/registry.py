@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported only when a model is built: decode workers never need it
+    from torch import nn
 
 from .errors import ScarletError
 
