@@ -162,11 +162,12 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
             qdq.quantize(bench.onnx, rng, target, trial, nodes_to_exclude=with_activations(exclude))
             return _evaluate(bench, trial, target) if len(bench.x_eval) else evaluate.Accuracy(0, None, None)
 
-        if budget:
-            sens = search.sensitivities(bench.onnx, rng, target, bench.x_calib[:len(bench.ref_probe)],
-                                        bench.ref_probe, threads=bench.threads)
-        found = search.mixed_precision([s.node for s in sens], build_and_eval, bench.fp32.top1,
-                                       cfg.max_top1_drop, cfg.min_agreement)
+        def ranked() -> list[str]:
+            sens.extend(search.sensitivities(bench.onnx, rng, target, bench.x_calib[:len(bench.ref_probe)],
+                                             bench.ref_probe, threads=bench.threads))
+            return [s.node for s in sens]
+
+        found = search.mixed_precision(ranked, build_and_eval, bench.fp32.top1, cfg.max_top1_drop, cfg.min_agreement)
         final = found.kept.accuracy if len(bench.x_eval) and found.kept else None
         with atomic_path(cfg.output) as tmp:
             qdq.quantize(bench.onnx, rng, target, tmp, nodes_to_exclude=with_activations(found.nodes_to_exclude))

@@ -67,10 +67,11 @@ def schedule(n: int) -> list[int]:
     return ks + [n]
 
 
-def mixed_precision(order: list[str], build_and_eval: Callable[[list[str]], evaluate.Accuracy],
+def mixed_precision(order: list[str] | Callable[[], list[str]], build_and_eval: Callable[[list[str]], evaluate.Accuracy],
                     fp32_top1: float | None, max_top1_drop: float | None, min_agreement: float | None) -> SearchResult:
     """Smallest prefix of `order` (most sensitive first) to keep in float so that top-1 drop and
-    agreement meet the budget; with no budget, everything is quantised."""
+    agreement meet the budget; with no budget, everything is quantised. `order` may be a function,
+    called only when the fully quantised model misses the budget (sensitivity costs minutes)."""
     from tqdm import tqdm
 
     res = SearchResult([])
@@ -81,15 +82,20 @@ def mixed_precision(order: list[str], build_and_eval: Callable[[list[str]], eval
         return drop_ok and agree_ok
 
     def step(k: int) -> bool:
-        acc = build_and_eval(order[:k])
+        acc = build_and_eval(list(order[:k]) if k else [])
         good = ok(acc)
         res.steps.append(SearchStep(k, acc, good))
         tqdm.write(f"mixed precision: {k} layers in float: top-1 {acc.top1}, agreement {acc.agreement}"
                    f"{' (within budget)' if good else ''}")
         return good
 
-    ks = schedule(len(order)) if (max_top1_drop is not None or min_agreement is not None) else [0]
-    lo = hi = None
+    budget = max_top1_drop is not None or min_agreement is not None
+    if step(0) or not budget:
+        return SearchResult([], res.steps, budget and res.steps[0].within_budget)
+    if callable(order):
+        order = order()
+    ks = schedule(len(order))[1:]
+    lo, hi = 0, None
     for k in ks:
         if step(k):
             hi = k
@@ -101,7 +107,7 @@ def mixed_precision(order: list[str], build_and_eval: Callable[[list[str]], eval
     # The schedule grows in jumps; bisect between the last failing and the first passing count
     # for the fewest float layers (accuracy is not strictly monotonic in k, so this is a heuristic).
     best = hi
-    while lo is not None and best - lo > 1:
+    while best - lo > 1:
         mid = (lo + best) // 2
         if step(mid):
             best = mid

@@ -220,3 +220,7 @@ def test_mixed_precision_keeps_the_fewest_layers_that_meet_the_budget():
     impossible = search.mixed_precision(order, fake, 88.0, -5.0, None)
     assert not impossible.met and impossible.nodes_to_exclude == order
     assert search.mixed_precision(order, fake, 88.0, None, None).nodes_to_exclude == []
+    # the ranking (minutes of sensitivity probes) is only computed when full INT8 misses the budget
+    ranked = []
+    easy = search.mixed_precision(lambda: ranked.append(1) or order, fake, 88.0, 5.0, None)
+    assert easy.met and easy.nodes_to_exclude == [] and not ranked
