@@ -224,3 +224,20 @@ def test_mixed_precision_keeps_the_fewest_layers_that_meet_the_budget():
     ranked = []
     easy = search.mixed_precision(lambda: ranked.append(1) or order, fake, 88.0, 5.0, None)
     assert easy.met and easy.nodes_to_exclude == [] and not ranked
+
+
+def test_layer_kept_in_float_reads_the_activated_float_tensor(tiny, tmp_path):
+    import onnx
+
+    path, st = tiny
+    target = qdq.get_target("ort")
+    out = tmp_path / "mixed.onnx"
+    layers = qdq.layers(path, target)
+    assert layers["conv1"] == ["conv1", "relu1"], "a conv and the ReLU it alone feeds are one layer"
+    qdq.quantize(path, ranges.compute_ranges(st, "percentile", False), target, out, nodes_to_exclude=layers["conv2"])
+    model = onnx.load(out)
+    by_output = {o: n for n in model.graph.node for o in n.output}
+    conv2 = next(n for n in model.graph.node if n.name == "conv2")
+    # a DQ input would let onnxruntime re-quantise conv2; the float tensor must be the ReLU's output
+    assert by_output[conv2.input[0]].op_type == "Relu"
+    assert conv2.input[1] == "w2", "weights of a float layer stay float"
