@@ -264,6 +264,7 @@ def report_data(bench: Bench, results: list[CalibResult]) -> dict[str, Any]:
             "int8": r.int8.as_dict() if r.int8 else None,
             "nodes_kept_float": r.manifest.get("nodes_kept_float", []),
             "budget": r.manifest.get("budget"),
+            "measured_with": r.manifest["quantization"]["accuracy_measured_with"],
             "search_steps": [{"kept_float": s.kept_float, **s.accuracy.as_dict(), "within_budget": s.within_budget}
                              for s in (r.search.steps if r.search else [])],
             "sensitivity": [asdict(s) for s in r.sensitivity],
@@ -291,7 +292,8 @@ def report_markdown(data: dict[str, Any]) -> str:
           f"disjoint (lists in the JSON report). {data['environment']['date']}, {data['environment']['machine']['cpu']}.\n"]
     for t in data["targets"]:
         md.append(f"\n## Target `{t['target']}`: {t['output']}\n")
-        md.append(f"Method **{t['method']}** (ranges from {t['ranges_from']}); budget {t['budget']}. "
+        md.append(f"Method **{t['method']}** (ranges from {t['ranges_from']}); budget {t['budget']}; "
+                  f"INT8 accuracy measured with {t['measured_with']}. "
                   f"Size {fmt(t['size_bytes']['fp32'] / 1e6)} MB FP32 -> {fmt(t['size_bytes']['int8'] / 1e6)} MB INT8.\n\n")
         md.append(markdown_table(["model"] + acc_cols, [acc_row("fp32", data["fp32"]), acc_row("int8", t["int8"])]))
         if t["throughput_img_s"]:
@@ -304,10 +306,12 @@ def report_markdown(data: dict[str, Any]) -> str:
                                      [[s["kept_float"], s["top1"], s["top5"], s["agreement"], s["logits_rmse"],
                                        s["within_budget"]] for s in t["search_steps"]]))
             sens = {s["node"]: s for s in t["sensitivity"]}
-            md.append("\nKept in float (most sensitive first; output error with only that layer quantised):\n\n")
+            md.append("\nKept in float, most sensitive first (fewer of them missed the budget; numbers: output "
+                      "error with only that layer quantised):\n\n")
             md.append(markdown_table(["layer", "op", "logits rel. RMSE", "agreement %"],
                                      [[n, sens[n]["op_type"], sens[n]["logits_rmse"], sens[n]["agreement"]]
                                       for n in t["nodes_kept_float"]]) if t["nodes_kept_float"] else "none\n")
+        if t["sensitivity"]:
             md.append("\n### Per-layer sensitivity (each layer quantised alone)\n\n")
             md.append(markdown_table(["layer", "op", "logits rel. RMSE", "agreement %"],
                                      [[s["node"], s["op_type"], s["logits_rmse"], s["agreement"]] for s in t["sensitivity"]]))
