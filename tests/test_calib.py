@@ -180,10 +180,11 @@ def _cfg(onnx: Path, val_dir: Path, out: Path, **kw):
 
 
 @pytest.mark.slow
-def test_calibration_is_reproducible_and_a_foreign_cache_is_refused(lite0_onnx, scarlet_onnx, val_dir, tmp_path):
+def test_calibration_is_reproducible_and_a_foreign_cache_is_refused(lite0_onnx, tiny, val_dir, tmp_path):
     import json
 
     from calib.pipeline import calibrate
+    from export.artifacts import write_manifest
 
     runs = []
     for i in range(2):
@@ -195,9 +196,11 @@ def test_calibration_is_reproducible_and_a_foreign_cache_is_refused(lite0_onnx, 
     (a, ca), (b, cb) = runs
     assert ca["ranges"] == cb["ranges"] and ca["images"] == cb["images"]
     assert a.read_bytes() == b.read_bytes(), "same seed and images must give a byte-identical model"
+    other = tmp_path / "other.onnx"  # any other model: the tiny graph, labelled as SCARLET-A
+    other.write_bytes(tiny[0].read_bytes())
+    write_manifest(other, {"model": "scarlet_a"})
     with pytest.raises(ScarletError, match="another model"):
-        calibrate(_cfg(scarlet_onnx("scarlet_a"), val_dir, tmp_path / "a.int8.onnx", cache=tmp_path / "run0" / "cache.json",
-                       seed=5))
+        calibrate(_cfg(other, val_dir, tmp_path / "a.int8.onnx", cache=tmp_path / "run0" / "cache.json", seed=5))
     assert not (tmp_path / "a.int8.onnx").exists(), "nothing written when the cache is refused"
 
 
