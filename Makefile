@@ -37,10 +37,11 @@ verify: setup
 	$(SCARLET) verify --model $(MODEL) $(if $(LET),--let) $(ckpt_arg) --auto-onnx $(BUILD) $(val_arg) $(limit_arg) \
 	  --json $(REPORTS)/verify-$(MODEL)$(if $(LET),-let).json --markdown $(REPORTS)/verify-$(MODEL)$(if $(LET),-let).md
 
-## make calib [MODEL=...]: INT8 Q/DQ ONNX for onnxruntime and TensorRT
+## make calib [MODEL=...] [CALIB_ARGS="--method entropy ..."]: INT8 Q/DQ ONNX for onnxruntime and TensorRT
+CALIB_ARGS ?=
 calib: setup
 	$(SCARLET) calibrate-model --model $(MODEL) $(ckpt_arg) --out-dir $(BUILD) $(val_arg) \
-	  --report $(REPORTS)/calib-$(MODEL)
+	  --report $(REPORTS)/calib-$(MODEL) $(CALIB_ARGS)
 
 ## make engine [MODEL=...] [PRECISION=fp32|fp16|int8] [BATCH=MIN,OPT,MAX]: TensorRT plan (needs GPU + TensorRT 11)
 PRECISION ?= fp16
