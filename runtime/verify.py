@@ -137,17 +137,20 @@ def check_weights(b: Backend, model: str, let: bool, checkpoint_sha256: str) -> 
                            f"({checkpoint_sha256[:16]}); re-export it with the same --checkpoint (make export CKPT=...).")
 
 
-def discover_onnx(build_dir: Path, model: str, let: bool) -> list[Path]:
-    """build_dir/<model>*.onnx whose manifest names this model (and LET variant): FP32, FP16, INT8."""
+def discover_onnx(build_dir: Path, model: str, let: bool) -> tuple[list[Path], list[Path]]:
+    """build_dir/<model>*.onnx whose manifest names this model (and LET variant): FP32, FP16, INT8 for
+    onnxruntime, and apart from them the Q/DQ models made for TensorRT. Those are judged as engines
+    (--engine): onnxruntime's CPU INT8xINT8 kernels saturate where TensorRT's do not, so their
+    numbers here would describe onnxruntime, not the deployment."""
     from export.artifacts import read_manifest
 
-    found = []
+    found, for_tensorrt = [], []
     for p in sorted(Path(build_dir).glob(f"{model}*.onnx")):
         m = read_manifest(p)
         origin = _origin(m)
         if m and (m.get("model") or origin.get("model")) == model and bool(origin.get("let", False)) == let:
-            found.append(p)
-    return found
+            (for_tensorrt if m.get("target") == "trt" else found).append(p)
+    return found, for_tensorrt
 
 
 def resolve_backends(cfg: VerifyConfig, loaded) -> tuple[list[Backend], list[str]]:
@@ -155,7 +158,10 @@ def resolve_backends(cfg: VerifyConfig, loaded) -> tuple[list[Backend], list[str
     notes = []
     paths = list(cfg.onnx)
     if cfg.auto_onnx is not None:
-        auto = discover_onnx(cfg.auto_onnx, cfg.model, cfg.let)
+        auto, for_tensorrt = discover_onnx(cfg.auto_onnx, cfg.model, cfg.let)
+        if for_tensorrt:
+            notes.append(f"not run on onnxruntime (made for TensorRT; verify its engine with --engine, or name it with --onnx): "
+                         f"{', '.join(p.name for p in for_tensorrt)}")
         if not auto:
             from export.onnx_export import ExportConfig, export_model
 

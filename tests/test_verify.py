@@ -172,11 +172,13 @@ def test_auto_onnx_finds_this_models_artifacts_only(tmp_path):
     art("scarlet_a-let.onnx", {**fp32, "let": True})
     art("scarlet_a.int8.onnx", {"model": "scarlet_a", "precision": "int8", "source_onnx": str(tmp_path / "scarlet_a.onnx")})
     art("scarlet_a.fp16.onnx", {"kind": "onnx-fp16", "model": "scarlet_a", "source_manifest": fp32})
+    art("scarlet_a.int8-trt.onnx", {"model": "scarlet_a", "precision": "int8", "target": "trt"})
     art("scarlet_a.scratch.onnx", None)  # no manifest: not ours to judge
     art("scarlet_b.onnx", {**fp32, "model": "scarlet_b"})
-    names = [p.name for p in V.discover_onnx(tmp_path, "scarlet_a", False)]
-    assert names == ["scarlet_a.fp16.onnx", "scarlet_a.int8.onnx", "scarlet_a.onnx"]
-    assert [p.name for p in V.discover_onnx(tmp_path, "scarlet_a", True)] == ["scarlet_a-let.onnx"]
+    found, for_tensorrt = V.discover_onnx(tmp_path, "scarlet_a", False)
+    assert [p.name for p in found] == ["scarlet_a.fp16.onnx", "scarlet_a.int8.onnx", "scarlet_a.onnx"]
+    assert [p.name for p in for_tensorrt] == ["scarlet_a.int8-trt.onnx"]
+    assert [p.name for p in V.discover_onnx(tmp_path, "scarlet_a", True)[0]] == ["scarlet_a-let.onnx"]
 
 
 def test_nothing_to_verify_is_a_clear_error():
