@@ -84,3 +84,16 @@ def lite0_onnx(exported) -> Path:
 @pytest.fixture(scope="session")
 def scarlet_onnx(exported) -> callable:
     return lambda name, let=False: exported(name, let).output
+
+
+@pytest.fixture(scope="session")
+def lite0_reference(val_files, loaded_model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs, PyTorch logits, labels) of trained Lite0 on every shared image, computed once:
+    PyTorch eager is the slowest part of the suite."""
+    from runtime.classes import wnid_to_index
+
+    model = loaded_model("efficientnet_lite0").model
+    x = load_batch(val_files, get_spec("efficientnet_lite0").preprocess)
+    with torch.inference_mode():
+        logits = np.concatenate([model(torch.from_numpy(x[i:i + 100])).numpy() for i in range(0, len(x), 100)])
+    return x, logits, np.array([wnid_to_index()[f.parent.name] for f in val_files])
