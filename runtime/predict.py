@@ -24,6 +24,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def top_k(logits: np.ndarray, k: int = 5) -> np.ndarray:
+    """(N, k) class indices, highest logit first (argpartition: no full sort of 1000 classes)."""
+    k = min(k, logits.shape[1])
+    idx = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    order = np.take_along_axis(-logits, idx, axis=1).argsort(axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1)
+
+
 def model_for_onnx(onnx_path: str | Path, model: str | None = None) -> str:
     """The registry model an ONNX was exported from (its manifest says), unless given."""
     from export.artifacts import read_manifest
@@ -60,8 +68,7 @@ def predict(onnx_path: str | Path, images: list[str], model: str | None = None, 
     with OrtRunner(onnx_path) as runner:
         probs = softmax(runner.infer(np.stack(tensors)))
     out = []
-    for path, p in zip(kept, probs):
-        idx = np.argsort(-p)[:top]
+    for path, p, idx in zip(kept, probs, top_k(probs, top)):
         out.append(Prediction(path, [(int(i), classes.name(int(i)), float(p[i])) for i in idx]))
     return out, skipped
 

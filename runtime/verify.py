@@ -23,6 +23,8 @@ import numpy as np
 
 from export.errors import ScarletError
 
+from .predict import softmax, top_k
+
 PRECISIONS = ("fp32", "fp16", "int8")
 MAX_LISTED_MD = 20  # disagreements per backend in the markdown (the JSON has all of them)
 
@@ -204,12 +206,6 @@ def _runner(b: Backend, threads: int | None):
 
 # ----------------------------------------------------------------------------- metrics
 
-def _top5(logits: np.ndarray) -> np.ndarray:
-    idx = np.argpartition(-logits, 5, axis=1)[:, :5]
-    order = np.take_along_axis(-logits, idx, axis=1).argsort(axis=1)
-    return np.take_along_axis(idx, order, axis=1)
-
-
 class Accuracy:
     """Top-1/top-5 on the labelled images."""
 
@@ -222,7 +218,7 @@ class Accuracy:
         y = np.asarray(labels)
         self.images += len(y)
         self.top1 += int((logits.argmax(1) == y).sum())
-        self.top5 += int((_top5(logits) == y[:, None]).any(1).sum())
+        self.top5 += int((top_k(logits) == y[:, None]).any(1).sum())
 
     def as_dict(self) -> dict[str, Any]:
         n = self.images
@@ -245,15 +241,13 @@ class Comparison:
     def update(self, ref: np.ndarray, out: np.ndarray, items: list, since: float | None = None) -> None:
         """Add a batch; `since`: perf_counter() before the backend ran, to account its inference time."""
         from . import classes
-        from .predict import softmax
-
         if since is not None:
             self.seconds += time.perf_counter() - since
         self.accuracy.update(out, [it.label for it in items])
         self.images += len(out)
         r1, o1 = ref.argmax(1), out.argmax(1)
         self.agree += int((r1 == o1).sum())
-        self.top5_overlap += float((_top5(ref)[:, :, None] == _top5(out)[:, None, :]).any(2).sum() / 5)
+        self.top5_overlap += float((top_k(ref)[:, :, None] == top_k(out)[:, None, :]).any(2).sum() / 5)
         diff = np.abs(out.astype(np.float64) - ref)
         self.max_abs = max(self.max_abs, float(diff.max()))
         self.sum_abs += float(diff.sum())
