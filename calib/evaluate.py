@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,7 +34,9 @@ def logits(onnx_path: str | os.PathLike, images: np.ndarray, batch: int = 16, th
 def accuracy(out: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None = None) -> Accuracy:
     top1 = top5 = agree = rmse = None
     if labels is not None and np.all(labels >= 0):
-        top = np.argsort(-out, axis=1)[:, :5]
+        from runtime.predict import top_k
+
+        top = top_k(out)
         top1 = 100.0 * float(np.mean(top[:, 0] == labels))
         top5 = 100.0 * float(np.mean(np.any(top == labels[:, None], axis=1)))
     if reference is not None:
@@ -46,21 +47,18 @@ def accuracy(out: np.ndarray, labels: np.ndarray | None, reference: np.ndarray |
 
 def side_by_side_throughput(paths: dict[str, str | os.PathLike], batch: int = 8, rounds: int = 10,
                             threads: int | None = None, seed: int = 0) -> dict[str, float]:
-    """Images/s per model, measured interleaved (A, B, A, B, ...) so that load from other users
-    of a shared machine hits every model alike; the median of `rounds` timings per model."""
+    """Images/s per model, measured interleaved by the bench's own loop (rounds rotate the order,
+    so load from other users of a shared machine hits every model alike); median call time."""
     from runtime.backends import OrtRunner
+    from runtime.bench import measure_interleaved, wall_timer
     from runtime.ort import OrtOptions
 
     x = np.random.default_rng(seed).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     runners = {k: OrtRunner(p, options=OrtOptions(threads=threads)).load() for k, p in paths.items()}
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for r in runners.values():  # warm-up: first runs allocate and pick kernels
-        r.infer(x)
-    for _ in range(rounds):
-        for k, r in runners.items():
-            t0 = time.perf_counter()
-            r.infer(x)
-            times[k].append(time.perf_counter() - t0)
-    for r in runners.values():
-        r.close()
-    return {k: batch / float(np.median(v)) for k, v in times.items()}
+    try:
+        times = measure_interleaved({k: wall_timer(r, x) for k, r in runners.items()}, repeats=rounds,
+                                    seconds=0.0, warmup_s=0.0, min_calls=1)
+    finally:
+        for r in runners.values():
+            r.close()
+    return {k: batch / float(np.median([t for rnd in v for t in rnd])) for k, v in times.items()}
