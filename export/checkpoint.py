@@ -68,10 +68,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes; BN's num_batches_tracked is optional in checkpoints."""
+    return {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+
+
 @lru_cache(maxsize=None)
 def _signature(name: str, let: bool) -> dict[str, tuple[int, ...]]:
-    model = MODELS[name].create(let)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    return _shapes(MODELS[name].create(let).state_dict())
 
 
 def _variants() -> list[tuple[str, bool]]:
@@ -84,7 +88,7 @@ def _label(name: str, let: bool) -> str:
 
 def identify(sd: dict[str, torch.Tensor]) -> list[tuple[str, bool]]:
     """Every registered model (and LET variant) whose parameter names and shapes match `sd`."""
-    sig = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    sig = _shapes(sd)
     return [(n, let) for n, let in _variants() if _signature(n, let) == sig]
 
 
@@ -94,7 +98,7 @@ def _mismatch_message(path: str, name: str, let: bool, sd: dict[str, torch.Tenso
         return (f"checkpoint {path} is not {_label(name, let)}: it matches {_label(*matches[0])}. "
                 f"Rerun with --model {matches[0][0]}{' --let' if matches[0][1] else ''}.")
     want = _signature(name, let)
-    got = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    got = _shapes(sd)
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
     shapes = sorted(k for k in set(want) & set(got) if want[k] != got[k])
@@ -130,29 +134,17 @@ def load_model(name: str, let: bool = False, checkpoint: str | os.PathLike | Non
     else:
         source = str(checkpoint)
     if checkpoint is None:
-        images, origin = _statistics_images(spec.preprocess, seed)
-        from .weights import realistic_weights_
+        from .weights import SYNTHETIC_IMAGES, realistic_weights_, sample_images
 
-        realistic_weights_(model, images, seed=seed)
+        # Real photos keep activations O(1) on real data; synthetic ones where none are at hand.
+        images, origin = sample_images(SYNTHETIC_IMAGES, spec.preprocess, seed)
+        realistic_weights_(model, torch.from_numpy(images), seed=seed)
         return LoadedModel(model.eval(), name, let, False, SEEDED, f"{SEEDED} (seed {seed}, BN statistics from {origin})")
     sd = read_state_dict(checkpoint)
     want = _signature(name, let)
-    got = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    got = _shapes(sd)
     if want != got:
         raise ScarletError(_mismatch_message(str(checkpoint), name, let, sd))
     model.load_state_dict(sd, strict=False)  # strictness checked above, num_batches_tracked optional
     return LoadedModel(model.eval(), name, let, True, sha256_file(checkpoint), source)
 
-
-def _statistics_images(preprocess, seed: int) -> tuple[torch.Tensor, str]:
-    """Real photos where the shared ImageNet sample is at hand (activations then stay O(1)
-    on real data), else deterministic synthetic images."""
-    from runtime.images import default_val_dir, fixed_images
-    from runtime.preprocess import load_batch
-
-    from .weights import SYNTHETIC_IMAGES, synthetic_images
-
-    files = fixed_images(SYNTHETIC_IMAGES)
-    if files:
-        return torch.from_numpy(load_batch(files, preprocess)), f"{len(files)} images of {default_val_dir()}"
-    return synthetic_images(seed=seed), f"{SYNTHETIC_IMAGES} synthetic images"

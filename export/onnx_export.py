@@ -17,6 +17,7 @@ from .errors import ScarletError
 from .fold import fold
 from .fuse import fuse_hard_activations, op_histogram
 from .registry import get_spec
+from .weights import sample_images
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # HardSwish
@@ -68,19 +69,6 @@ def _batch_size(batch: str | int) -> int | None:
     return n
 
 
-def _parity_inputs(loaded: LoadedModel, batch: int | None) -> tuple[np.ndarray, str]:
-    from runtime.images import default_val_dir, fixed_images
-    from runtime.preprocess import load_batch
-
-    from .weights import synthetic_images
-
-    n = batch or PARITY_IMAGES
-    files = fixed_images(n)
-    if len(files) == n:
-        return load_batch(files, get_spec(loaded.name).preprocess), f"{n} images of {default_val_dir()}"
-    return synthetic_images(n, seed=1).numpy(), f"{n} synthetic images (no real images found)"
-
-
 def to_onnx(model: torch.nn.Module, opset: int, batch: int | None) -> "onnx.ModelProto":  # noqa: F821
     """torch.onnx (TorchScript exporter: deterministic, and what onnxsim expects), then onnxsim."""
     import onnx
@@ -130,7 +118,8 @@ def export_model(cfg: ExportConfig, loaded: LoadedModel | None = None) -> Export
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     data = model.SerializeToString(deterministic=True)
 
-    x, source = _parity_inputs(loaded, batch)
+    # seed 1: synthetic parity images differ from the ones seeded weights were fitted on
+    x, source = sample_images(batch or PARITY_IMAGES, get_spec(loaded.name).preprocess, seed=1)
     parity = measure_parity(loaded.model, data, x, source)
     if parity.max_rel_error > MAX_EXPORT_REL_ERROR or parity.top1_agreement < 1.0:
         raise ScarletError(f"the exported graph does not reproduce PyTorch (relative logit error {parity.max_rel_error:.2e}, "

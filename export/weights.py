@@ -29,6 +29,18 @@ def synthetic_images(n: int = SYNTHETIC_IMAGES, size: int = 224, seed: int = 0) 
     return torch.from_numpy(out)
 
 
+def sample_images(n: int, preprocess, seed: int = 0) -> tuple[np.ndarray, str]:
+    """`n` preprocessed real photos where the shared ImageNet sample is at hand, else `n`
+    deterministic synthetic images; with a phrase saying which."""
+    from runtime.images import default_val_dir, fixed_images
+    from runtime.preprocess import load_batch
+
+    files = fixed_images(n)
+    if len(files) == n:
+        return load_batch(files, preprocess), f"{n} images of {default_val_dir()}"
+    return synthetic_images(n, seed=seed).numpy(), f"{n} synthetic images (no real images found)"
+
+
 @torch.no_grad()
 def realistic_weights_(model: nn.Module, images: torch.Tensor, seed: int = 0, logit_std: float = 3.0) -> nn.Module:
     """Re-initialise `model` in place (see module docstring); returns it in eval mode."""
