@@ -167,7 +167,8 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
                                              bench.ref_probe, threads=bench.threads))
             return [s.node for s in sens]
 
-        found = search.mixed_precision(ranked, build_and_eval, bench.fp32.top1, cfg.max_top1_drop, cfg.min_agreement)
+        found = search.mixed_precision(ranked, build_and_eval, bench.fp32.top1, cfg.max_top1_drop, cfg.min_agreement,
+                                       costs=search.layer_costs(bench.onnx, groups))
         final = found.kept.accuracy if len(bench.x_eval) and found.kept else None
         with atomic_path(cfg.output) as tmp:
             qdq.quantize(bench.onnx, rng, target, tmp, nodes_to_exclude=with_activations(found.nodes_to_exclude))
@@ -193,6 +194,7 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
         "ranges_from": source,
         "quantization": {"activations": target.activation_type, "weights": f"{target.weight_type} per-channel",
                          "symmetric_activations": target.symmetric, "reduce_range": target.reduce_range,
+                         "gemm_input_bits": target.gemm_input_bits,
                          "accuracy_measured_with": "fake-quant (Q/DQ in float)" if target.fake_quant_eval
                          else "onnxruntime CPU integer kernels"},
         "calibration_images": {"count": len(bench.split.calib), "seed": cfg.seed, "dir": str(cfg.images)},
@@ -265,7 +267,8 @@ def report_data(bench: Bench, results: list[CalibResult]) -> dict[str, Any]:
             "nodes_kept_float": r.manifest.get("nodes_kept_float", []),
             "budget": r.manifest.get("budget"),
             "measured_with": r.manifest["quantization"]["accuracy_measured_with"],
-            "search_steps": [{"kept_float": s.kept_float, **s.accuracy.as_dict(), "within_budget": s.within_budget}
+            "search_steps": [{"kept_float": s.kept_float, **s.accuracy.as_dict(), "within_budget": s.within_budget,
+                              "quantised_back": s.quantised_back}
                              for s in (r.search.steps if r.search else [])],
             "sensitivity": [asdict(s) for s in r.sensitivity],
             "methods": r.methods,
@@ -302,12 +305,12 @@ def report_markdown(data: dict[str, Any]) -> str:
                       f"INT8 {fmt(tp['int8'])} img/s ({fmt(tp['int8'] / tp['fp32'])}x).\n")
         if t["search_steps"]:
             md.append("\n### Mixed-precision search\n\n")
-            md.append(markdown_table(["layers kept in float"] + acc_cols[1:] + ["within budget"],
-                                     [[s["kept_float"], s["top1"], s["top5"], s["agreement"], s["logits_rmse"],
-                                       s["within_budget"]] for s in t["search_steps"]]))
+            md.append(markdown_table(["layers kept in float", "tried back in INT8"] + acc_cols[1:] + ["within budget"],
+                                     [[s["kept_float"], s.get("quantised_back") or "", s["top1"], s["top5"],
+                                       s["agreement"], s["logits_rmse"], s["within_budget"]] for s in t["search_steps"]]))
             sens = {s["node"]: s for s in t["sensitivity"]}
-            md.append("\nKept in float, most sensitive first (fewer of them missed the budget; numbers: output "
-                      "error with only that layer quantised):\n\n")
+            md.append("\nKept in float, most sensitive first (the shortest passing prefix of the ranking, then its "
+                      "costliest layers tried back in INT8; numbers: output error with only that layer quantised):\n\n")
             md.append(markdown_table(["layer", "op", "logits rel. RMSE", "agreement %"],
                                      [[n, sens[n]["op_type"], sens[n]["logits_rmse"], sens[n]["agreement"]]
                                       for n in t["nodes_kept_float"]]) if t["nodes_kept_float"] else "none\n")

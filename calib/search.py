@@ -25,6 +25,7 @@ class SearchStep:
     kept_float: int
     accuracy: evaluate.Accuracy
     within_budget: bool
+    quantised_back: str | None = None  # pruning step: this layer of the passing set tried in INT8 again
 
 
 @dataclass
@@ -32,11 +33,7 @@ class SearchResult:
     nodes_to_exclude: list[str]
     steps: list[SearchStep] = field(default_factory=list)
     met: bool = False
-
-    @property
-    def kept(self) -> SearchStep | None:
-        """The step that measured the model being kept."""
-        return next((s for s in reversed(self.steps) if s.kept_float == len(self.nodes_to_exclude)), None)
+    kept: SearchStep | None = None  # the step that measured the model being kept
 
 
 def sensitivities(model_path: str | os.PathLike, ranges: dict, target: qdq.Target, probe: np.ndarray,
@@ -67,11 +64,39 @@ def schedule(n: int) -> list[int]:
     return ks + [n]
 
 
+def layer_costs(model_path: str | os.PathLike, layers: dict[str, list[str]]) -> dict[str, int]:
+    """What keeping a layer in float costs, as the activation elements per image it reads and
+    writes: each is dequantised in front of it and quantised after it, in NCHW where its INT8
+    neighbours run NHWC, so these conversions, not the float arithmetic, dominate. Measured on
+    Lite0 (AVX2): the 112x112 first depthwise layer in float costs 11 % of INT8 throughput, a 14x14
+    projection nothing measurable."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path), load_external_data=False))
+    g = model.graph
+    elements: dict[str, int] = {}
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        dims = [d.dim_value for d in v.type.tensor_type.shape.dim[1:]]
+        if dims and all(dims):
+            elements[v.name] = int(np.prod(dims))
+    nodes = {n.name: n for n in g.node}
+    inits = {t.name for t in g.initializer}
+    costs = {}
+    for layer, members in layers.items():
+        tensors = [t for t in nodes[layer].input if t not in inits] + list(nodes[members[-1]].output)
+        costs[layer] = sum(elements.get(t, 0) for t in tensors)
+    return costs
+
+
 def mixed_precision(order: list[str] | Callable[[], list[str]], build_and_eval: Callable[[list[str]], evaluate.Accuracy],
-                    fp32_top1: float | None, max_top1_drop: float | None, min_agreement: float | None) -> SearchResult:
+                    fp32_top1: float | None, max_top1_drop: float | None, min_agreement: float | None,
+                    costs: dict[str, float] | None = None) -> SearchResult:
     """Smallest prefix of `order` (most sensitive first) to keep in float so that top-1 drop and
     agreement meet the budget; with no budget, everything is quantised. `order` may be a function,
-    called only when the fully quantised model misses the budget (sensitivity costs minutes)."""
+    called only when the fully quantised model misses the budget (sensitivity costs minutes).
+    With `costs`, the passing prefix is then pruned: its layers, costliest first, go back to INT8
+    one at a time wherever the budget still holds (sensitivity alone keeps expensive early layers
+    whose neighbours would do; on Lite0 that made the mixed model slower than FP32)."""
     from tqdm import tqdm
 
     res = SearchResult([])
@@ -81,17 +106,20 @@ def mixed_precision(order: list[str] | Callable[[], list[str]], build_and_eval: 
         agree_ok = min_agreement is None or a.agreement is None or a.agreement >= min_agreement - 1e-9
         return drop_ok and agree_ok
 
-    def step(k: int) -> bool:
-        acc = build_and_eval(list(order[:k]) if k else [])
+    def run(exclude: list[str], back: str | None = None) -> bool:
+        acc = build_and_eval(exclude)
         good = ok(acc)
-        res.steps.append(SearchStep(k, acc, good))
-        tqdm.write(f"mixed precision: {k} layers in float: top-1 {acc.top1}, agreement {acc.agreement}"
-                   f"{' (within budget)' if good else ''}")
+        res.steps.append(SearchStep(len(exclude), acc, good, back))
+        tqdm.write(f"mixed precision: {len(exclude)} layers in float{f' ({back} back in INT8)' if back else ''}: "
+                   f"top-1 {acc.top1}, agreement {acc.agreement}{' (within budget)' if good else ''}")
         return good
+
+    def step(k: int) -> bool:
+        return run(list(order[:k]) if k else [])
 
     budget = max_top1_drop is not None or min_agreement is not None
     if step(0) or not budget:
-        return SearchResult([], res.steps, budget and res.steps[0].within_budget)
+        return SearchResult([], res.steps, budget and res.steps[0].within_budget, res.steps[0])
     if callable(order):
         order = order()
     ks = schedule(len(order))[1:]
@@ -102,16 +130,21 @@ def mixed_precision(order: list[str] | Callable[[], list[str]], build_and_eval: 
             break
         lo = k
     if hi is None:
-        res.nodes_to_exclude = order[:ks[-1]]
+        res.nodes_to_exclude, res.kept = order[:ks[-1]], res.steps[-1]
         return res
     # The schedule grows in jumps; bisect between the last failing and the first passing count
     # for the fewest float layers (accuracy is not strictly monotonic in k, so this is a heuristic).
-    best = hi
+    best, kept = hi, res.steps[-1]
     while best - lo > 1:
         mid = (lo + best) // 2
         if step(mid):
-            best = mid
+            best, kept = mid, res.steps[-1]
         else:
             lo = mid
-    res.nodes_to_exclude, res.met = order[:best], True
+    exclude = list(order[:best])
+    for layer in sorted(exclude, key=lambda n: -costs[n]) if costs else []:
+        trial = [n for n in exclude if n != layer]
+        if trial and run(trial, back=layer):
+            exclude, kept = trial, res.steps[-1]
+    res.nodes_to_exclude, res.met, res.kept = exclude, True, kept
     return res

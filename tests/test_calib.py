@@ -105,6 +105,68 @@ def test_ort_target_uses_uint8_activations_and_int8_weights(tiny, tmp_path):
     assert model.graph.node[-1].op_type == "Gemm", "logits stay float"
 
 
+def test_gemm_inputs_get_headroom_without_vnni_and_depthwise_inputs_do_not(tmp_path, monkeypatch):
+    """Without VNNI the UINT8 values that GEMM kernels read must stay <= 127 (saturating 16-bit
+    pair sums); depthwise convolutions and everything else keep the full 8 bits, and a ReLU6
+    output keeps its range (so the Clip still folds) and is requantised in front of the GEMM."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = lambda name, *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)  # noqa: E731
+    six = numpy_helper.from_array(np.array(6.0, np.float32), "six")
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "wd"], ["d"], name="dw", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["d", "zero", "six"], ["d6"], name="relu6"),
+             helper.make_node("Conv", ["d6", "w2"], ["out"], name="conv2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8, 8, 8])],
+                              [w("w1", 8, 3, 1, 1), w("wd", 8, 1, 3, 3), w("w2", 8, 8, 1, 1), six, zero])
+    path = tmp_path / "dw.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    r = {"input": (-2.0, 2.0), "c1": (-3.0, 3.0), "r1": (0.0, 3.0), "d": (-1.0, 8.0), "d6": (0.0, 6.0),
+         "out": (-5.0, 5.0)}
+
+    def top(rr: tuple[float, float], calibrated_max: float) -> int:
+        scale = (rr[1] - rr[0]) / 255
+        return round(calibrated_max / scale) + round(-rr[0] / scale)
+
+    guard = qdq.guard_gemm_inputs(path, r, 7)
+    for name in ("c1", "r1", "d", "d6", "out"):
+        assert guard.ranges[name] == r[name], f"{name} is not read by a GEMM kernel, or its Clip must fold"
+    # conv1 reads the input: the calibrated max lands on 127 (128 when the zero point rounds up;
+    # 2 x 128 x 127 still fits 16 bits)
+    assert guard.ranges["input"][0] == -2.0 and top(guard.ranges["input"], 2.0) in (127, 128)
+    assert guard.added == ["conv2/requantize"]
+    req = next(n for n in guard.model.graph.node if n.name == "conv2/requantize")
+    conv2 = next(n for n in guard.model.graph.node if n.name == "conv2")
+    assert req.op_type == "Mul" and req.input[0] == "d6" and conv2.input[0] == req.output[0]
+    assert top(guard.ranges[req.output[0]], 6.0) == 127
+    # a layer that stays float needs no guard
+    assert qdq.guard_gemm_inputs(path, r, 7, quantised=lambda n: n != "conv2").added == []
+    assert qdq.guard_gemm_inputs(path, r, 8).ranges == r
+
+    monkeypatch.setattr(qdq, "host_has_vnni", lambda: False)
+    target = qdq.get_target("ort")
+    assert target.gemm_input_bits == 7 and not target.reduce_range
+    out = tmp_path / "dw.int8.onnx"
+    qdq.quantize(path, r, target, out)
+    assert {n.name: n.op_type for n in onnx.load(out).graph.node}["conv2/requantize"] == "Mul"
+    # what onnxruntime makes of it: every conv integer, the Clip folded, nothing left in float
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 3 and "Conv" not in ops and "Clip" not in ops, ops
+    monkeypatch.setattr(qdq, "host_has_vnni", lambda: True)
+    assert qdq.get_target("ort").gemm_input_bits == 8
+    assert qdq.get_target("trt").gemm_input_bits == 8
+
+
 def _provenance(**kw) -> cache.Provenance:
     base = dict(model="scarlet_a", onnx_sha256="a" * 64, method="percentile", target="ort", seed=0,
                 images=("n01440764/x.JPEG",))
@@ -227,6 +289,34 @@ def test_mixed_precision_keeps_the_fewest_layers_that_meet_the_budget():
     ranked = []
     easy = search.mixed_precision(lambda: ranked.append(1) or order, fake, 88.0, 5.0, None)
     assert easy.met and easy.nodes_to_exclude == [] and not ranked
+
+
+def test_pruning_sends_costly_layers_back_to_int8_only_where_the_budget_holds():
+    from calib import evaluate, search
+
+    order = [f"conv{i}" for i in range(20)]
+    useless = {"conv1", "conv3"}  # ranked sensitive, but float there does not help top-1
+
+    def fake(exclude):
+        return evaluate.Accuracy(100, 85.0 + 0.25 * len(set(exclude) - useless), 99.0)
+
+    costs = {n: 1 for n in order} | {"conv1": 100, "conv3": 50, "conv2": 75}
+    res = search.mixed_precision(order, fake, 88.0, 0.5, None, costs=costs)
+    assert res.met and res.nodes_to_exclude == [n for n in order[:12] if n not in useless]
+    assert res.kept.within_budget and res.kept.kept_float == 10 and res.kept.accuracy.top1 == 87.5
+    tried = [s.quantised_back for s in res.steps if s.quantised_back]
+    assert tried[:3] == ["conv1", "conv2", "conv3"], "costliest first"
+    assert search.mixed_precision(order, fake, 88.0, 0.5, None).nodes_to_exclude == order[:12], "no costs: no pruning"
+
+
+def test_layer_costs_count_the_activations_a_float_layer_converts(tiny):
+    from calib import search
+
+    path, _ = tiny
+    costs = search.layer_costs(path, qdq.layers(path, qdq.get_target("ort")))
+    # conv1 reads 3x16x16 and (with its ReLU) writes 8x16x16; conv2 reads and writes 8x16x16
+    assert costs["conv1"] == 3 * 256 + 8 * 256 and costs["conv2"] == 2 * 8 * 256
+    assert costs["fc"] == 8 + 10
 
 
 def test_layer_kept_in_float_reads_the_activated_float_tensor(tiny, tmp_path):
