@@ -133,20 +133,21 @@ def test_gemm_inputs_get_headroom_without_vnni_and_depthwise_inputs_do_not(tmp_p
         scale = (rr[1] - rr[0]) / 255
         return round(calibrated_max / scale) + round(-rr[0] / scale)
 
-    guard = qdq.guard_gemm_inputs(path, r, 7)
+    model = onnx.load(path)
+    widened, added = qdq.guard_gemm_inputs(model, r, 7)
     for name in ("c1", "r1", "d", "d6", "out"):
-        assert guard.ranges[name] == r[name], f"{name} is not read by a GEMM kernel, or its Clip must fold"
+        assert widened[name] == r[name], f"{name} is not read by a GEMM kernel, or its Clip must fold"
     # conv1 reads the input: the calibrated max lands on 127 (128 when the zero point rounds up;
     # 2 x 128 x 127 still fits 16 bits)
-    assert guard.ranges["input"][0] == -2.0 and top(guard.ranges["input"], 2.0) in (127, 128)
-    assert guard.added == ["conv2/requantize"]
-    req = next(n for n in guard.model.graph.node if n.name == "conv2/requantize")
-    conv2 = next(n for n in guard.model.graph.node if n.name == "conv2")
+    assert widened["input"][0] == -2.0 and top(widened["input"], 2.0) in (127, 128)
+    assert added == ["conv2/requantize"]
+    req = next(n for n in model.graph.node if n.name == "conv2/requantize")
+    conv2 = next(n for n in model.graph.node if n.name == "conv2")
     assert req.op_type == "Mul" and req.input[0] == "d6" and conv2.input[0] == req.output[0]
-    assert top(guard.ranges[req.output[0]], 6.0) == 127
+    assert top(widened[req.output[0]], 6.0) == 127
     # a layer that stays float needs no guard
-    assert qdq.guard_gemm_inputs(path, r, 7, quantised=lambda n: n != "conv2").added == []
-    assert qdq.guard_gemm_inputs(path, r, 8).ranges == r
+    assert qdq.guard_gemm_inputs(onnx.load(path), r, 7, quantised=lambda n: n != "conv2")[1] == []
+    assert qdq.guard_gemm_inputs(onnx.load(path), r, 8) == (r, [])
 
     monkeypatch.setattr(qdq, "host_has_vnni", lambda: False)
     target = qdq.get_target("ort")
@@ -165,6 +166,50 @@ def test_gemm_inputs_get_headroom_without_vnni_and_depthwise_inputs_do_not(tmp_p
     monkeypatch.setattr(qdq, "host_has_vnni", lambda: True)
     assert qdq.get_target("ort").gemm_input_bits == 8
     assert qdq.get_target("trt").gemm_input_bits == 8
+
+
+def test_hardswish_runs_on_integer_kernels_with_the_same_result(tmp_path):
+    """onnxruntime has no integer HardSwish; the ort target rewrites it so that nothing between
+    two INT8 convolutions runs in float, and the 1/6 becomes a dequantisation scale (exact)."""
+    import dataclasses
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = lambda name, *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.5, name)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1"),
+             helper.make_node("HardSwish", ["c1"], ["h"], name="hswish"),
+             helper.make_node("Conv", ["h", "w2"], ["out"], name="conv2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 16, 8, 8])],
+                              [w("w1", 16, 8, 1, 1), w("b1", 16), w("w2", 16, 16, 1, 1)])
+    path = tmp_path / "hs.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = rng.standard_normal((16, 8, 8, 8)).astype(np.float32)
+    st = stats.collect(path, x, batch=8, threads=1)
+    r = ranges.compute_ranges(st, "minmax", False)
+    target = qdq.get_target("ort")
+    assert target.integer_hardswish and not qdq.get_target("trt").integer_hardswish
+
+    def run(model: Path, optimized: Path | None = None) -> np.ndarray:
+        so = ort.SessionOptions()
+        if optimized is not None:
+            so.optimized_model_filepath = str(optimized)
+        return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+    ref = run(path)
+    out = {}
+    for name, t in {"rewritten": target, "as is": dataclasses.replace(target, integer_hardswish=False)}.items():
+        qdq.quantize(path, r, t, tmp_path / f"{name}.onnx")
+        out[name] = run(tmp_path / f"{name}.onnx", tmp_path / f"{name}.opt.onnx")
+    ops = [n.op_type for n in onnx.load(tmp_path / "rewritten.opt.onnx").graph.node]
+    assert ops.count("QLinearConv") == 2 and ops.count("QLinearMul") == 1 and ops.count("QLinearAdd") == 1, ops
+    assert not {"HardSwish", "HardSigmoid", "Mul", "Clip", "Conv"} & set(ops), ops
+    assert {"HardSigmoid", "Mul"} <= {n.op_type for n in onnx.load(tmp_path / "as is.opt.onnx").graph.node}
+    err = {k: float(np.sqrt(np.mean((v - ref) ** 2)) / np.sqrt(np.mean(ref ** 2))) for k, v in out.items()}
+    assert err["as is"] < 0.05 and err["rewritten"] < 1.5 * err["as is"], err
 
 
 def _provenance(**kw) -> cache.Provenance:
