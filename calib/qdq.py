@@ -178,6 +178,16 @@ def integer_hardswish(model, ranges: Ranges, quantised: Callable[[str], bool] = 
     return out, added
 
 
+def _edges(graph) -> tuple[dict[str, Any], dict[str, list]]:
+    """Tensor name -> the node that writes it, and -> the nodes that read it."""
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producers, consumers
+
+
 def fold_scales(model, names: list[str]) -> int:
     """Remove those of the named nodes that are `DQ -> Mul(constant c > 0) -> Q` steps from a Q/DQ
     model by dequantising the Mul's input with scale x c instead: exact, one integer pass less."""
@@ -185,11 +195,7 @@ def fold_scales(model, names: list[str]) -> int:
     from onnx import numpy_helper
 
     g = model.graph
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = _edges(g)
     inits = {t.name: t for t in g.initializer}
     folded, drop = 0, []
     for mul in [n for n in g.node if n.name in set(names) and n.op_type == "Mul"]:
@@ -318,11 +324,7 @@ def _drop_qdq_before_fused_add(model) -> int:
     """TensorRT fuses `Conv -> Add(residual)` when only the residual input of the Add is quantized:
     remove the Q/DQ pair between a weighted layer's output and an Add that is its only consumer."""
     g = model.graph
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = _edges(g)
     dropped = 0
     for add in [n for n in g.node if n.op_type == "Add"]:
         for k, t in enumerate(add.input):
@@ -369,10 +371,7 @@ def layers(model_path: str | os.PathLike, target: Target) -> dict[str, list[str]
 
     g = onnx.load(str(model_path), load_external_data=False).graph
     ops = _target_ops(target)
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = _edges(g)[1]
     out: dict[str, list[str]] = {}
     absorbed: set[str] = set()
     for n in g.node:
