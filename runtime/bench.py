@@ -467,13 +467,60 @@ def known_accuracy(plan: ModelPlan, reports_dir: Path) -> dict[str, float]:
     return out
 
 
+@dataclass(frozen=True)
+class CpuTimes:
+    """CPU seconds since boot: busy on the whole machine (/proc/stat), stolen by the hypervisor,
+    and used by this process and the children it waited for (getrusage)."""
+    busy: float
+    steal: float
+    own: float
+
+    @classmethod
+    def now(cls, stat_path: str = "/proc/stat") -> "CpuTimes | None":
+        import resource
+
+        try:
+            with open(stat_path) as f:
+                fields = [float(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0.0] * 8)[:8]
+        own = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for a in ("ru_utime", "ru_stime"))
+        return cls((user + nice + system + irq + softirq) / hz, steal / hz, own)
+
+
+def machine_load(start: CpuTimes | None, end: CpuTimes | None, wall_s: float, cpus: int) -> dict[str, float] | None:
+    """What else ran during a measurement, as percent of all CPUs: benchmarks on a shared or
+    noisy machine are only comparable when this is near zero."""
+    if start is None or end is None or wall_s <= 0:
+        return None
+    capacity = wall_s * cpus
+    other = max(0.0, (end.busy - start.busy) - (end.own - start.own))
+    return {"other_processes_pct": 100 * other / capacity, "steal_pct": 100 * (end.steal - start.steal) / capacity}
+
+
+LOAD_WARN_PCT = 5.0
+
+
+def load_text(load: dict[str, float] | None) -> str:
+    if load is None:
+        return "Machine load not measured (no /proc/stat)."
+    text = (f"Other processes used {load['other_processes_pct']:.1f} % of the CPUs during the run "
+            f"(hypervisor steal {load['steal_pct']:.1f} %).")
+    if load["other_processes_pct"] + load["steal_pct"] > LOAD_WARN_PCT:
+        text += " **Over 5 %: these numbers are suspect; rerun on an idle machine.**"
+    return text
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from .peak import measure_peak
     from .report import environment
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), CpuTimes.now()
     # Sampled before and after every model, best kept: one sample taken while the machine is busy
     # would understate the peak and overstate every "% peak".
     peaks = [measure_peak(cfg.peak_seconds, threads=cfg.threads)]
@@ -502,6 +549,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     peak = max(peaks, key=lambda p: p.gflops)
     for r in rows:
         r["pct_peak"] = 100 * r["gflops"] / peak.gflops
+    elapsed = time.perf_counter() - t_start
     return {
         "environment": environment(),
         "config": {"models": cfg.models, "backends": cfg.backends, "batches": cfg.batches, "threads": cfg.threads,
@@ -513,7 +561,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "tune": tune,
         "models": models,
         "results": rows,
-        "elapsed_s": time.perf_counter() - t_start,
+        "elapsed_s": elapsed,
+        "machine_load": machine_load(cpu_start, CpuTimes.now(), elapsed, os.cpu_count() or 1),
     }
 
 
@@ -601,7 +650,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         f"Measured {env['date']} on {env['machine']['cpu']} ({env['machine']['logical_cpus']} logical CPUs) by "
         f"`scarlet bench`; {data['config']['repeats']} interleaved rounds of ~{data['config']['seconds']:g} s per "
-        f"backend after warm-up, whole run {data['elapsed_s']:.0f} s.",
+        f"backend after warm-up, whole run {data['elapsed_s']:.0f} s. {load_text(data.get('machine_load'))}",
         f"Machine peak: {peak['gflops']:.1f} GFLOP/s ({peak['method']}, {peak['threads']} threads; best of "
         f"{len(peak['samples_gflops'])} samples taken before and after each model).",
         f"PyTorch eager: {st['torch']['mode']}, {st['torch']['threads']} threads, "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -383,3 +384,23 @@ def test_accuracy_from_verify_rows_matched_by_file(tiny_build, tmp_path):
                            {"name": "tensorrt", "path": "build/scarlet_a.fp16.plan", "top1": 0.5}]}
     (tmp_path / "verify-scarlet_a.json").write_text(json.dumps(verify))
     assert bench.known_accuracy(plan, tmp_path) == pytest.approx({"torch": 88.0, "ort": 87.5})
+
+
+def test_machine_load_counts_other_processes_and_steal_and_warns(tmp_path):
+    hz = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+
+    def sample(user_s: float, steal_s: float, own_s: float) -> bench.CpuTimes:
+        stat.write_text(f"cpu  {user_s * hz:.0f} 0 0 1000 0 0 0 {steal_s * hz:.0f} 0 0\ncpu0 1 2 3\n")
+        t = bench.CpuTimes.now(str(stat))
+        return bench.CpuTimes(t.busy, t.steal, own_s)
+
+    start, end = sample(100, 1, 10), sample(120, 1.5, 28)  # 20 CPU-s busy, 18 of them ours, over 10 s x 2 CPUs
+    load = bench.machine_load(start, end, wall_s=10, cpus=2)
+    assert load == pytest.approx({"other_processes_pct": 10.0, "steal_pct": 2.5})
+    assert "10.0 %" in bench.load_text(load) and "suspect" in bench.load_text(load)
+    quiet = bench.machine_load(start, sample(118, 1, 28), wall_s=10, cpus=2)
+    assert quiet["other_processes_pct"] == 0 and "suspect" not in bench.load_text(quiet)
+    assert bench.CpuTimes.now(str(tmp_path / "missing")) is None and bench.machine_load(None, end, 10, 2) is None
+    assert "not measured" in bench.load_text(None)
+    assert bench.CpuTimes.now() is not None, "this test runs on Linux"
