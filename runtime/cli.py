@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "calib.cli",
     "runtime.tensorrt_cli",
     "runtime.bench",
+    "runtime.profile",
 )
 
 

@@ -35,7 +35,8 @@ class OrtOptions:
     memory_arena: bool = True
 
 
-def make_session(path: str | os.PathLike, options: OrtOptions = OrtOptions()):
+def make_session(path: str | os.PathLike, options: OrtOptions = OrtOptions(), profile_prefix: str | None = None):
+    """An onnxruntime CPU session; with `profile_prefix`, onnxruntime's profiler writes there."""
     import onnxruntime as ort
 
     if not os.path.exists(path):
@@ -53,6 +54,9 @@ def make_session(path: str | os.PathLike, options: OrtOptions = OrtOptions()):
                          else ort.ExecutionMode.ORT_SEQUENTIAL)
     so.enable_cpu_mem_arena = options.memory_arena
     so.log_severity_level = 3
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types

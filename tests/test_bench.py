@@ -404,3 +404,19 @@ def test_machine_load_counts_other_processes_and_steal_and_warns(tmp_path):
     assert bench.CpuTimes.now(str(tmp_path / "missing")) is None and bench.machine_load(None, end, 10, 2) is None
     assert "not measured" in bench.load_text(None)
     assert bench.CpuTimes.now() is not None, "this test runs on Linux"
+
+
+def test_profile_groups_kernel_time_by_operator_type(tiny_build, tmp_path, capsys):
+    from runtime import cli, profile
+
+    ops = profile.profile(tiny_build / "scarlet_a.onnx", batch=2, runs=3, options=OrtOptions(threads=1))
+    assert sum(o.share_pct for o in ops) == pytest.approx(100.0)
+    assert [o.share_pct for o in ops] == sorted((o.share_pct for o in ops), reverse=True)
+    assert {o.op_type for o in ops} >= {"Gemm"} and all(o.nodes >= 1 and o.ms_per_run >= 0 for o in ops)
+    out = tmp_path / "p.json"
+    assert cli.main(["profile", "--onnx", str(tiny_build / "scarlet_a.onnx"), "--batch", "2", "--runs", "2",
+                     "--json", str(out)]) == 0
+    assert "| operator | nodes | share % | ms per run |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["ops"]
+    assert cli.main(["profile", "--onnx", str(tmp_path / "missing.onnx")]) == 2
+    assert "scarlet export" in capsys.readouterr().err

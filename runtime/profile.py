@@ -1,0 +1,84 @@
+"""Where onnxruntime spends its time, per operator type of the graph it actually runs.
+
+onnxruntime's own profiler times every kernel; this groups those times by operator type
+after onnxruntime's fusions and layout changes (QLinearConv, ReorderOutput, ...), so that a
+float operator left between Q/DQ pairs, or layout reorders around an unsupported op, show up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from export.errors import ScarletError
+
+from .ort import OrtOptions, make_session
+
+
+@dataclass(frozen=True)
+class OpTime:
+    op_type: str
+    nodes: int
+    share_pct: float
+    ms_per_run: float
+
+
+def profile(onnx_path: str | os.PathLike, batch: int = 8, runs: int = 10, warmup: int = 2,
+            options: OrtOptions = OrtOptions()) -> list[OpTime]:
+    """Kernel time per operator type over `runs` runs after `warmup` runs, largest first."""
+    from .bench import bench_input, onnx_image_size
+
+    if batch < 1 or runs < 1:
+        raise ScarletError("--batch and --runs must be at least 1.")
+    with tempfile.TemporaryDirectory(prefix="scarlet-profile-") as d:
+        session = make_session(onnx_path, options, profile_prefix=str(Path(d) / "ort"))
+        x = bench_input(batch, size=onnx_image_size(Path(onnx_path)))
+        feed = {session.get_inputs()[0].name: x}
+        for _ in range(warmup + runs):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    first = starts[warmup] if len(starts) > warmup else 0
+    total: dict[str, float] = {}
+    nodes: dict[str, set[str]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
+            op = e["args"]["op_name"]
+            total[op] = total.get(op, 0.0) + e["dur"]
+            nodes.setdefault(op, set()).add(e["name"])
+    all_us = sum(total.values()) or 1.0
+    return sorted((OpTime(op, len(nodes[op]), 100.0 * us / all_us, us / 1e3 / runs) for op, us in total.items()),
+                  key=lambda o: -o.share_pct)
+
+
+def markdown(path: str, batch: int, ops: list[OpTime]) -> str:
+    from .report import markdown_table
+
+    return (f"onnxruntime kernel time by operator type: `{path}`, batch {batch}\n\n"
+            + markdown_table(["operator", "nodes", "share %", "ms per run"],
+                             [[o.op_type, o.nodes, f"{o.share_pct:.1f}", f"{o.ms_per_run:.2f}"] for o in ops]))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="onnxruntime kernel time per operator type (after its fusions)")
+    p.add_argument("--onnx", required=True)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: physical cores)")
+    p.add_argument("--json", help="also write the table as JSON here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from export.artifacts import write_json_atomic
+
+    ops = profile(args.onnx, args.batch, args.runs, options=OrtOptions(threads=args.threads))
+    print(markdown(args.onnx, args.batch, ops), end="")
+    if args.json:
+        write_json_atomic(args.json, {"onnx": args.onnx, "batch": args.batch, "runs": args.runs,
+                                      "ops": [asdict(o) for o in ops]})
+    return 0
