@@ -24,7 +24,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def register(sub) -> None:
     p = sub.add_parser("calibrate", help="INT8 Q/DQ ONNX from a float ONNX and calibration images")
     p.add_argument("--onnx", type=Path, required=True)
-    p.add_argument("--images", type=Path, required=True, help="calibration images: <wnid>/*.JPEG folders")
+    p.add_argument("--images", type=Path, required=True,
+                   help="calibration images: any folder of images (labels, for --max-top1-drop, from "
+                        "<wnid>/ folders or flat ILSVRC files with LOC_val_solution.csv)")
     p.add_argument("--eval-dir", type=Path, default=None,
                    help="evaluation images (default: --images minus the calibration images)")
     p.add_argument("--target", default="ort", choices=("ort", "trt"))

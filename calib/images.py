@@ -1,4 +1,8 @@
-"""Which images calibrate and which evaluate: a seeded, class-spread, disjoint split."""
+"""Which images calibrate and which evaluate: a seeded, class-spread, disjoint split.
+
+Labels come from runtime.dataset (the one reader of ImageNet layouts: <wnid>/ folders, flat
+ILSVRC files with LOC_val_solution.csv or the devkit); calibration itself needs none, so any
+other folder of images is accepted, unlabelled (accuracy budgets then use agreement only)."""
 from __future__ import annotations
 
 import os
@@ -17,25 +21,32 @@ from export.registry import Preprocess
 class ImageSplit:
     calib: tuple[Path, ...]
     eval: tuple[Path, ...]
+    eval_labels: tuple[int, ...]  # ImageNet-1k index per evaluation image; -1: unknown
 
 
-def _images(root: str | os.PathLike) -> list[Path]:
+def _images(root: str | os.PathLike) -> dict[Path, int]:
+    """Image -> ImageNet-1k label (-1 where the folder layout gives none)."""
+    from runtime.dataset import open_dataset
     from runtime.images import list_images
 
     if not Path(root).is_dir():
-        raise ScarletError(f"image directory {root} does not exist; pass --images DIR with ImageNet-style <wnid>/*.JPEG folders.")
-    files = list_images(root)
+        raise ScarletError(f"image directory {root} does not exist; pass --images DIR with ImageNet-style <wnid>/*.JPEG "
+                           "folders (or flat ILSVRC2012_val_*.JPEG with LOC_val_solution.csv).")
+    try:
+        return {it.path: it.label for it in open_dataset(root).items}
+    except ScarletError:
+        files = list_images(root)
     if not files:
         raise ScarletError(f"{root} holds no images (.jpeg/.jpg/.png/...); pass a folder of <wnid>/ sub-folders.")
-    return files
+    return {f: -1 for f in files}
 
 
-def sample_across_classes(files: list[Path], n: int, seed: int) -> list[Path]:
-    """`n` files taken round-robin over the class folders (shuffled with `seed`), so a small
-    calibration set still covers as many classes as it can. Returned sorted."""
+def sample_across_classes(files: dict[Path, int], n: int, seed: int) -> list[Path]:
+    """`n` files taken round-robin over the classes (their label, else their folder; shuffled with
+    `seed`), so a small calibration set still covers as many classes as it can. Returned sorted."""
     by_class: dict[str, list[Path]] = defaultdict(list)
     for f in sorted(files):
-        by_class[f.parent.name].append(f)
+        by_class[str(files[f]) if files[f] >= 0 else f.parent.name].append(f)
     rng = random.Random(seed)
     classes = sorted(by_class)
     rng.shuffle(classes)
@@ -59,18 +70,9 @@ def split_images(images: str | os.PathLike, num_calib: int, seed: int = 0,
     calib = sample_across_classes(files, min(num_calib, len(files)), seed)
     taken = {p.resolve() for p in calib}
     pool = _images(eval_dir) if eval_dir is not None else files
-    evals = [p for p in pool if p.resolve() not in taken]
-    if num_eval is not None:
-        evals = sample_across_classes(evals, num_eval, seed)
-    return ImageSplit(tuple(calib), tuple(evals))
-
-
-def labels(paths: list[Path] | tuple[Path, ...]) -> np.ndarray:
-    """Class index per image from its folder's wnid via the canonical list; -1 where the folder is no wnid."""
-    from runtime.classes import wnid_to_index
-
-    index = wnid_to_index()
-    return np.array([index.get(p.parent.name, -1) for p in paths], dtype=np.int64)
+    evals = {p: label for p, label in pool.items() if p.resolve() not in taken}
+    picked = sample_across_classes(evals, num_eval, seed) if num_eval is not None else sorted(evals)
+    return ImageSplit(tuple(calib), tuple(picked), tuple(evals[p] for p in picked))
 
 
 def load(paths: list[Path] | tuple[Path, ...], preprocess: Preprocess, what: str = "images") -> np.ndarray:

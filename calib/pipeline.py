@@ -104,7 +104,7 @@ def prepare(onnx_path: Path, images_dir: Path, num_images: int, seed: int = 0, e
     split = images.split_images(images_dir, num_images, seed, eval_dir, num_eval)
     x_calib = images.load(split.calib, pre, "calibration images")
     x_eval = images.load(split.eval, pre, "evaluation images")
-    y = images.labels(split.eval)
+    y = np.array(split.eval_labels, dtype=np.int64)
     y_eval = y if len(y) and np.all(y >= 0) else None
     ref_eval = evaluate.logits(onnx_path, x_eval, threads=threads) if len(x_eval) else np.zeros((0, 1000), np.float32)
     probe = x_calib[:sensitivity_images]
@@ -146,7 +146,8 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
         raise ScarletError("an accuracy budget needs evaluation images, but every image went to calibration; "
                            "lower --num-images or pass --eval-dir with other images.")
     if budget and cfg.max_top1_drop is not None and bench.y_eval is None:
-        raise ScarletError("--max-top1-drop needs labelled evaluation images (<wnid>/ folders); use --min-agreement instead.")
+        raise ScarletError("--max-top1-drop needs labelled evaluation images (<wnid>/ folders, or flat ILSVRC2012_val_*.JPEG "
+                           "with LOC_val_solution.csv); use --min-agreement instead.")
     rng, source = _ranges(bench, target, cfg.method, cfg.cache, cfg.seed, cfg.refresh_stale_cache)
 
     sens: list[search.Sensitivity] = []

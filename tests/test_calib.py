@@ -274,6 +274,28 @@ def test_split_is_seeded_spread_and_disjoint(tmp_path):
     assert b.eval == a.eval
 
 
+def test_flat_ilsvrc_images_keep_their_labels_and_any_folder_calibrates(val_dir, tmp_path):
+    import os
+
+    from runtime.classes import wnid_to_index
+
+    sources = [next(iter(sorted(d.iterdir()))) for d in sorted(val_dir.iterdir())[:6]]
+    flat, rows = tmp_path / "val", []
+    flat.mkdir()
+    for n, src in enumerate(sources, start=1):
+        os.symlink(src, flat / f"ILSVRC2012_val_{n:08d}.JPEG")
+        rows.append(f"ILSVRC2012_val_{n:08d},{src.parent.name} 1 2 3 4")
+    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    split = images.split_images(flat, 2, seed=0)
+    want = {f"ILSVRC2012_val_{n:08d}.JPEG": wnid_to_index()[s.parent.name] for n, s in enumerate(sources, start=1)}
+    assert len(split.eval) == 4 and [want[p.name] for p in split.eval] == list(split.eval_labels)
+    mine = tmp_path / "my_photos"  # no ImageNet layout: fine for calibration, unlabelled
+    mine.mkdir()
+    for src in sources[:3]:
+        os.symlink(src, mine / src.name)
+    assert images.split_images(mine, 1, seed=0).eval_labels == (-1, -1)
+
+
 def test_missing_image_dir_is_a_clear_error(tmp_path):
     with pytest.raises(ScarletError, match="does not exist"):
         images.split_images(tmp_path / "nope", 4)
