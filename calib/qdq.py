@@ -108,7 +108,7 @@ def guard_gemm_inputs(model, ranges: Ranges, bits: int,
         return ranges, []
     g = model.graph
     dims = {t.name: list(t.dims) for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
+    producers = _edges(g)[0]
     f = 255.0 / (2 ** bits - 1)
 
     def widened(name: str) -> tuple[float, float]:
@@ -151,7 +151,7 @@ def integer_hardswish(model, ranges: Ranges, quantised: Callable[[str], bool] = 
     from onnx import helper, numpy_helper
 
     g = model.graph
-    producers = {o: n for n in g.node for o in n.output}
+    producers = _edges(g)[0]
     todo = [n for n in g.node if n.op_type == "HardSwish" and n.input[0] in ranges and n.output[0] in ranges
             and n.input[0] in producers and quantised(producers[n.input[0]].name)]
     if not todo:
@@ -282,8 +282,10 @@ def quantize(model_path: str | os.PathLike, ranges: dict[str, tuple[float, float
     with tempfile.TemporaryDirectory(prefix="scarlet-q-") as d, _quiet_quantizer():
         cache = Path(d) / "ranges.json"
         save_tensors_data(data, cache)
-        source = Path(d) / "source.onnx"
-        onnx.save(source_model, source)
+        source = Path(model_path)
+        if hardswish or requantize:  # the graph changed; ranges alone travel in the cache file
+            source = Path(d) / "source.onnx"
+            onnx.save(source_model, source)
         quantize_static(
             str(source), str(output), None, quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(target.op_types) if target.op_types else None,
@@ -308,7 +310,7 @@ def _read_float_inputs(model, names: set[str]) -> None:
     into a QLinearConv with per-tensor 8-bit weights (which saturate on AVX2), so without this an
     excluded layer ran in INT8 anyway and less accurately (Lite0: logits RMSE 0.21 -> 0.34)."""
     g = model.graph
-    producers = {o: n for n in g.node for o in n.output}
+    producers = _edges(g)[0]
     for n in g.node:
         if n.name not in names:
             continue
