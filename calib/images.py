@@ -44,9 +44,12 @@ def _images(root: str | os.PathLike) -> dict[Path, int]:
 def sample_across_classes(files: dict[Path, int], n: int, seed: int) -> list[Path]:
     """`n` files taken round-robin over the classes (their label, else their folder; shuffled with
     `seed`), so a small calibration set still covers as many classes as it can. Returned sorted."""
+    from runtime.classes import wnids
+
+    names = wnids()
     by_class: dict[str, list[Path]] = defaultdict(list)
-    for f in sorted(files):
-        by_class[str(files[f]) if files[f] >= 0 else f.parent.name].append(f)
+    for f in sorted(files):  # keyed by wnid: the same sample whichever layout gave the label
+        by_class[names[files[f]] if files[f] >= 0 else f.parent.name].append(f)
     rng = random.Random(seed)
     classes = sorted(by_class)
     rng.shuffle(classes)
