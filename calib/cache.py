@@ -28,9 +28,17 @@ class Provenance:
     images: tuple[str, ...]
 
 
-def save(path: str | os.PathLike, prov: Provenance, ranges: dict[str, tuple[float, float]]) -> None:
-    write_json_atomic(path, {"format": FORMAT, **asdict(prov),
+def save(path: str | os.PathLike, prov: Provenance, ranges: dict[str, tuple[float, float]],
+         resolved_method: str | None = None) -> None:
+    """`resolved_method`: what `--method auto` chose, so that a reuse need not choose again."""
+    extra = {"resolved_method": resolved_method} if resolved_method else {}
+    write_json_atomic(path, {"format": FORMAT, **asdict(prov), **extra,
                              "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()}})
+
+
+def resolved_method(path: str | os.PathLike) -> str | None:
+    """The method `--method auto` chose when it wrote this cache (None for an explicit method)."""
+    return json.loads(Path(path).read_text()).get("resolved_method")
 
 
 def load(path: str | os.PathLike, want: Provenance) -> dict[str, tuple[float, float]]:

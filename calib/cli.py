@@ -7,8 +7,10 @@ from pathlib import Path
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=512, help="calibration images, sampled across classes (default 512)")
-    p.add_argument("--method", default="percentile", choices=("minmax", "percentile", "entropy", "mse"),
-                   help="range method (default percentile: clip at the 99.99th percentile of |x|)")
+    p.add_argument("--method", default="auto", choices=("auto", "minmax", "percentile", "entropy", "mse"),
+                   help="range method; auto (default) quantises every layer with each method and keeps the "
+                        "one that meets the budget with the lowest logits error (percentile: clip at the "
+                        "99.99th percentile of |x|)")
     p.add_argument("--max-top1-drop", type=float, default=None,
                    help="keep the most sensitive layers in float until top-1 drops at most this many points")
     p.add_argument("--min-agreement", type=float, default=None,

@@ -21,7 +21,7 @@ class CalibConfig:
     images: Path
     output: Path
     num_images: int = 512
-    method: str = "percentile"
+    method: str = "auto"  # or one of ranges.METHODS
     target: str = "ort"
     eval_dir: Path | None = None
     num_eval: int | None = None
@@ -114,21 +114,54 @@ def prepare(onnx_path: Path, images_dir: Path, num_images: int, seed: int = 0, e
                  ref_eval, ref_probe, fp32, threads)
 
 
-def _ranges(bench: Bench, target: qdq.Target, method: str, cache_path: Path | None, seed: int,
-            refresh_stale: bool = False) -> tuple[dict, str]:
-    prov = cache_mod.Provenance(bench.model, bench.onnx_sha256, method, target.name, seed,
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class RangeChoice:
+    ranges: dict[str, tuple[float, float]]
+    source: str  # "calibration" or the cache path
+    method: str  # the method the ranges came from (what `auto` chose)
+    how: str  # why this method
+    methods: dict[str, Any]  # every method fully quantised, when they were compared
+
+
+def choose_method(methods: dict[str, dict], fp32_top1: float | None, max_top1_drop: float | None,
+                  min_agreement: float | None) -> tuple[str, str]:
+    """`--method auto`: the method whose fully quantised model meets the budget with the lowest
+    logits error, so that as few layers as possible stay float (Lite0: minmax meets the default
+    budget with every layer INT8, percentile needs two float layers and runs 1.28x FP32); when
+    none meets it, the lowest logits error, from which the mixed-precision search starts."""
+    acc = {m: evaluate.Accuracy(**a) for m, a in methods.items()}
+    ok = [m for m, a in acc.items() if search.within_budget(a, fp32_top1, max_top1_drop, min_agreement)]
+    best = min(ok or list(acc), key=lambda m: acc[m].logits_rmse if acc[m].logits_rmse is not None else float("inf"))
+    return best, ("auto: fully INT8 within the budget, lowest logits error" if ok
+                  else "auto: none within the budget fully INT8; lowest logits error")
+
+
+def _ranges(bench: Bench, target: qdq.Target, cfg: CalibConfig) -> RangeChoice:
+    prov = cache_mod.Provenance(bench.model, bench.onnx_sha256, cfg.method, target.name, cfg.seed,
                                 tuple(images.relative_names(bench.split.calib)))
-    if cache_path is not None and Path(cache_path).exists():
+    if cfg.cache is not None and Path(cfg.cache).exists():
         try:
-            return cache_mod.load(cache_path, prov), str(cache_path)
+            r = cache_mod.load(cfg.cache, prov)
+            method = cache_mod.resolved_method(cfg.cache) or cfg.method
+            return RangeChoice(r, str(cfg.cache), method, f"{cfg.method} (from the cache)" if cfg.method == AUTO else "given", {})
         except ScarletError as e:
-            if not refresh_stale:
+            if not cfg.refresh_stale_cache:
                 raise
             print(f"note: {e} Recalibrating and replacing it.")
+    method, how, methods = cfg.method, "given", {}
+    if method == AUTO:
+        if len(bench.x_eval):
+            methods = compare_methods(bench, target, {})
+            method, how = choose_method(methods, bench.fp32.top1, cfg.max_top1_drop, cfg.min_agreement)
+        else:
+            method, how = "percentile", "auto: no evaluation images to compare methods on; percentile"
     r = ranges_mod.compute_ranges(bench.stats(), method, target.symmetric)
-    if cache_path is not None:
-        cache_mod.save(cache_path, prov, r)
-    return r, "calibration"
+    if cfg.cache is not None:
+        cache_mod.save(cfg.cache, prov, r, method if cfg.method == AUTO else None)
+    return RangeChoice(r, "calibration", method, how, methods)
 
 
 def _evaluate(bench: Bench, path: Path, target: qdq.Target) -> evaluate.Accuracy:
@@ -148,7 +181,8 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
     if budget and cfg.max_top1_drop is not None and bench.y_eval is None:
         raise ScarletError("--max-top1-drop needs labelled evaluation images (<wnid>/ folders, or flat ILSVRC2012_val_*.JPEG "
                            "with LOC_val_solution.csv); use --min-agreement instead.")
-    rng, source = _ranges(bench, target, cfg.method, cfg.cache, cfg.seed, cfg.refresh_stale_cache)
+    choice = _ranges(bench, target, cfg)
+    rng, source = choice.ranges, choice.source
 
     sens: list[search.Sensitivity] = []
     with tempfile.TemporaryDirectory(prefix="scarlet-calib-") as d:
@@ -174,12 +208,13 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
         with atomic_path(cfg.output) as tmp:
             qdq.quantize(bench.onnx, rng, target, tmp, nodes_to_exclude=with_activations(found.nodes_to_exclude))
 
-    res = CalibResult(Path(cfg.output), target.name, cfg.method, source, final, found if budget else None, sens)
+    res = CalibResult(Path(cfg.output), target.name, choice.method, source, final, found if budget else None, sens,
+                      choice.methods)
     if target.name == "trt":
         res.trt_table = trt_table_path(cfg.output)
-        cache_mod.write_trt_table(res.trt_table, rng, cfg.method)
-    if cfg.compare_methods and source == "calibration" and len(bench.x_eval):
-        res.methods = compare_methods(bench, target, {cfg.method: rng})
+        cache_mod.write_trt_table(res.trt_table, rng, choice.method)
+    if not res.methods and cfg.compare_methods and source == "calibration" and len(bench.x_eval):
+        res.methods = compare_methods(bench, target, {choice.method: rng})
     if cfg.bench_rounds:
         res.throughput = evaluate.side_by_side_throughput({"fp32": bench.onnx, "int8": cfg.output},
                                                           rounds=cfg.bench_rounds, threads=bench.threads)
@@ -191,7 +226,8 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
         "source_onnx": str(bench.onnx),
         "source_onnx_sha256": bench.onnx_sha256,
         "sha256": sha256_file(cfg.output),
-        "method": cfg.method,
+        "method": choice.method,
+        "method_choice": choice.how,
         "ranges_from": source,
         "quantization": {"activations": target.activation_type, "weights": f"{target.weight_type} per-channel",
                          "symmetric_activations": target.symmetric, "reduce_range": target.reduce_range,
@@ -264,6 +300,7 @@ def report_data(bench: Bench, results: list[CalibResult]) -> dict[str, Any]:
         "fp32": bench.fp32.as_dict(),
         "targets": [{
             "target": r.target, "output": str(r.output), "method": r.method, "ranges_from": r.ranges_from,
+            "method_choice": r.manifest.get("method_choice"),
             "int8": r.int8.as_dict() if r.int8 else None,
             "nodes_kept_float": r.manifest.get("nodes_kept_float", []),
             "budget": r.manifest.get("budget"),
@@ -296,7 +333,8 @@ def report_markdown(data: dict[str, Any]) -> str:
           f"disjoint (lists in the JSON report). {data['environment']['date']}, {data['environment']['machine']['cpu']}.\n"]
     for t in data["targets"]:
         md.append(f"\n## Target `{t['target']}`: {t['output']}\n")
-        md.append(f"Method **{t['method']}** (ranges from {t['ranges_from']}); budget {t['budget']}; "
+        md.append(f"Method **{t['method']}** ({t.get('method_choice') or 'given'}; ranges from {t['ranges_from']}); "
+                  f"budget {t['budget']}; "
                   f"INT8 accuracy measured with {t['measured_with']}. "
                   f"Size {fmt(t['size_bytes']['fp32'] / 1e6)} MB FP32 -> {fmt(t['size_bytes']['int8'] / 1e6)} MB INT8.\n\n")
         md.append(markdown_table(["model"] + acc_cols, [acc_row("fp32", data["fp32"]), acc_row("int8", t["int8"])]))

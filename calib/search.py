@@ -88,6 +88,13 @@ def layer_costs(model_path: str | os.PathLike, layers: dict[str, list[str]]) -> 
     return costs
 
 
+def within_budget(a: evaluate.Accuracy, fp32_top1: float | None, max_top1_drop: float | None,
+                  min_agreement: float | None) -> bool:
+    drop_ok = max_top1_drop is None or fp32_top1 is None or a.top1 is None or fp32_top1 - a.top1 <= max_top1_drop + 1e-9
+    agree_ok = min_agreement is None or a.agreement is None or a.agreement >= min_agreement - 1e-9
+    return drop_ok and agree_ok
+
+
 def mixed_precision(order: list[str] | Callable[[], list[str]], build_and_eval: Callable[[list[str]], evaluate.Accuracy],
                     fp32_top1: float | None, max_top1_drop: float | None, min_agreement: float | None,
                     costs: dict[str, float] | None = None) -> SearchResult:
@@ -102,9 +109,7 @@ def mixed_precision(order: list[str] | Callable[[], list[str]], build_and_eval: 
     res = SearchResult([])
 
     def ok(a: evaluate.Accuracy) -> bool:
-        drop_ok = max_top1_drop is None or fp32_top1 is None or a.top1 is None or fp32_top1 - a.top1 <= max_top1_drop + 1e-9
-        agree_ok = min_agreement is None or a.agreement is None or a.agreement >= min_agreement - 1e-9
-        return drop_ok and agree_ok
+        return within_budget(a, fp32_top1, max_top1_drop, min_agreement)
 
     def run(exclude: list[str], back: str | None = None) -> bool:
         acc = build_and_eval(exclude)

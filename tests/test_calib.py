@@ -324,6 +324,11 @@ def test_calibration_is_reproducible_and_a_foreign_cache_is_refused(lite0_onnx, 
         assert res.int8 is not None and res.int8.images == 8
     (a, ca), (b, cb) = runs
     assert ca["ranges"] == cb["ranges"] and ca["images"] == cb["images"]
+    # --method auto (the default) records what it chose; a rerun takes it from the cache
+    assert ca["method"] == "auto" and ca["resolved_method"] in ranges.METHODS
+    assert res.manifest["method"] == ca["resolved_method"] and res.manifest["method_choice"].startswith("auto")
+    _, again = calibrate(_cfg(lite0_onnx, val_dir, tmp_path / "again.onnx", cache=tmp_path / "run0" / "cache.json", seed=5))
+    assert again.ranges_from == str(tmp_path / "run0" / "cache.json") and again.method == ca["resolved_method"]
     assert a.read_bytes() == b.read_bytes(), "same seed and images must give a byte-identical model"
     other = tmp_path / "other.onnx"  # any other model: the tiny graph, labelled as SCARLET-A
     other.write_bytes(tiny[0].read_bytes())
@@ -356,6 +361,20 @@ def test_mixed_precision_keeps_the_fewest_layers_that_meet_the_budget():
     ranked = []
     easy = search.mixed_precision(lambda: ranked.append(1) or order, fake, 88.0, 5.0, None)
     assert easy.met and easy.nodes_to_exclude == [] and not ranked
+
+
+def test_auto_method_prefers_full_int8_within_budget_then_lowest_error():
+    from calib.pipeline import choose_method
+
+    def acc(top1, agreement, rmse):
+        return {"images": 300, "top1": top1, "top5": 97.0, "agreement": agreement, "logits_rmse": rmse}
+
+    methods = {"minmax": acc(88.0, 97.0, 0.135), "percentile": acc(87.0, 96.3, 0.122), "mse": acc(88.0, 97.3, 0.13)}
+    assert choose_method(methods, 88.0, 0.3, 97.0)[0] == "mse", "within the budget, the lowest error"
+    assert choose_method(methods, 88.0, 0.3, 97.1)[0] == "mse"
+    method, how = choose_method(methods, 88.0, 0.3, 99.0)
+    assert method == "percentile" and "none within" in how, "none within: the lowest error overall"
+    assert choose_method(methods, 88.0, None, None)[0] == "percentile"
 
 
 def test_pruning_sends_costly_layers_back_to_int8_only_where_the_budget_holds():
