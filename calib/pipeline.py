@@ -151,14 +151,15 @@ def _ranges(bench: Bench, target: qdq.Target, cfg: CalibConfig) -> RangeChoice:
             if not cfg.refresh_stale_cache:
                 raise
             print(f"note: {e} Recalibrating and replacing it.")
-    method, how, methods = cfg.method, "given", {}
+    method, how, methods, candidates = cfg.method, "given", {}, {}
     if method == AUTO:
         if len(bench.x_eval):
-            methods = compare_methods(bench, target, {})
+            candidates = method_ranges(bench, target, {})
+            methods = compare_methods(bench, target, candidates)
             method, how = choose_method(methods, bench.fp32.top1, cfg.max_top1_drop, cfg.min_agreement)
         else:
             method, how = "percentile", "auto: no evaluation images to compare methods on; percentile"
-    r = ranges_mod.compute_ranges(bench.stats(), method, target.symmetric)
+    r = candidates.get(method) or ranges_mod.compute_ranges(bench.stats(), method, target.symmetric)
     if cfg.cache is not None:
         cache_mod.save(cfg.cache, prov, r, method if cfg.method == AUTO else None)
     return RangeChoice(r, "calibration", method, how, methods)
@@ -214,7 +215,7 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
         res.trt_table = trt_table_path(cfg.output)
         cache_mod.write_trt_table(res.trt_table, rng, choice.method)
     if not res.methods and cfg.compare_methods and source == "calibration" and len(bench.x_eval):
-        res.methods = compare_methods(bench, target, {choice.method: rng})
+        res.methods = compare_methods(bench, target, method_ranges(bench, target, {choice.method: rng}))
     if cfg.bench_rounds:
         res.throughput = evaluate.side_by_side_throughput({"fp32": bench.onnx, "int8": cfg.output},
                                                           rounds=cfg.bench_rounds, threads=bench.threads)
@@ -252,12 +253,16 @@ def trt_table_path(output: Path) -> Path:
     return Path((out[:-5] if out.endswith(".onnx") else out) + ".calib.cache")
 
 
-def compare_methods(bench: Bench, target: qdq.Target, known: dict[str, dict]) -> dict[str, Any]:
-    """Every method on the same statistics, fully quantised (no layer kept in float)."""
+def method_ranges(bench: Bench, target: qdq.Target, known: dict[str, dict]) -> dict[str, dict]:
+    """Every method's ranges from the same statistics (those in `known` are not recomputed)."""
+    return {m: known.get(m) or ranges_mod.compute_ranges(bench.stats(), m, target.symmetric) for m in ranges_mod.METHODS}
+
+
+def compare_methods(bench: Bench, target: qdq.Target, ranges_by_method: dict[str, dict]) -> dict[str, Any]:
+    """Each method's ranges with every layer quantised (none kept in float), evaluated."""
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="scarlet-methods-") as d:
-        for m in ranges_mod.METHODS:
-            rng = known.get(m) or ranges_mod.compute_ranges(bench.stats(), m, target.symmetric)
+        for m, rng in ranges_by_method.items():
             path = Path(d) / f"{m}.onnx"
             qdq.quantize(bench.onnx, rng, target, path)
             out[m] = _evaluate(bench, path, target).as_dict()
