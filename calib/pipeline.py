@@ -145,8 +145,9 @@ def _ranges(bench: Bench, target: qdq.Target, cfg: CalibConfig) -> RangeChoice:
     if cfg.cache is not None and Path(cfg.cache).exists():
         try:
             r = cache_mod.load(cfg.cache, prov)
-            method = cache_mod.resolved_method(cfg.cache) or cfg.method
-            return RangeChoice(r, str(cfg.cache), method, f"{cfg.method} (from the cache)" if cfg.method == AUTO else "given", {})
+            if cfg.method != AUTO:
+                return RangeChoice(r, str(cfg.cache), cfg.method, "given", {})
+            return RangeChoice(r, str(cfg.cache), cache_mod.resolved_method(cfg.cache) or AUTO, "auto (from the cache)", {})
         except ScarletError as e:
             if not cfg.refresh_stale_cache:
                 raise

@@ -270,11 +270,13 @@ def quantize(model_path: str | os.PathLike, ranges: dict[str, tuple[float, float
     def quantised(name: str) -> bool:
         return name not in skip and (nodes_to_quantize is None or name in nodes_to_quantize)
 
-    source_model = onnx.load(str(model_path))
     hardswish: list[str] = []
-    if target.integer_hardswish:
-        ranges, hardswish = integer_hardswish(source_model, ranges, quantised)
-    ranges, requantize = guard_gemm_inputs(source_model, ranges, target.gemm_input_bits, quantised)
+    requantize: list[str] = []
+    if target.integer_hardswish or target.gemm_input_bits < 8:  # a rewrite may apply: read the graph
+        source_model = onnx.load(str(model_path))
+        if target.integer_hardswish:
+            ranges, hardswish = integer_hardswish(source_model, ranges, quantised)
+        ranges, requantize = guard_gemm_inputs(source_model, ranges, target.gemm_input_bits, quantised)
     if nodes_to_quantize is not None:
         nodes_to_quantize = list(nodes_to_quantize) + hardswish + requantize
     data = TensorsData(CalibrationMethod.MinMax, {
