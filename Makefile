@@ -58,7 +58,7 @@ bench: setup
 
 ## make gpu-check: TensorRT fp32/fp16/int8 engines for every model, verified and benchmarked
 gpu-check: setup
-	$(BIN)/python -m runtime.gpu_check --build-dir $(BUILD) $(val_arg) --report $(REPORTS)/gpu-check
+	$(BIN)/python -m scarlet_deploy.runtime.gpu_check --build-dir $(BUILD) $(val_arg) --report $(REPORTS)/gpu-check
 
 ## make test: the suite CI runs (slow checks included, GPU checks skip on CPU)
 test: setup

@@ -7,8 +7,8 @@ import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from export.artifacts import write_bytes_atomic, write_json_atomic
-from export.errors import ScarletError
+from scarlet_deploy.runtime.core.artifacts import write_bytes_atomic, write_json_atomic
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 FORMAT = "scarlet-calib-cache/1"
 # NV_TENSORRT_VERSION of the TensorRT this project targets (11.4.0 -> major*10000 + minor*100 + patch),

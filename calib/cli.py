@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from scarlet_deploy.calib.model import MODEL_DEFAULTS
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=512, help="calibration images, sampled across classes (default 512)")
@@ -47,11 +49,11 @@ def register(sub) -> None:
     m.add_argument("--targets", nargs="+", default=["ort", "trt"], choices=("ort", "trt"))
     m.add_argument("--report", default=None, metavar="PREFIX")
     _common(m)
-    m.set_defaults(func=run_model, num_images=200, max_top1_drop=0.3, min_agreement=97.0, bench_rounds=10)
+    m.set_defaults(func=run_model, **MODEL_DEFAULTS)
 
 
 def _config(args, **kw):
-    from calib.pipeline import CalibConfig
+    from scarlet_deploy.calib.pipeline import CalibConfig
 
     return CalibConfig(num_images=args.num_images, method=args.method, max_top1_drop=args.max_top1_drop,
                        min_agreement=args.min_agreement, num_eval=args.num_eval, seed=args.seed,
@@ -65,7 +67,7 @@ def _summary(res) -> str:
 
 
 def run(args) -> int:
-    from calib.pipeline import calibrate
+    from scarlet_deploy.calib.pipeline import calibrate
 
     cfg = _config(args, onnx=args.onnx, images=args.images, output=args.output, target=args.target,
                   eval_dir=args.eval_dir, cache=args.cache, model=args.model, report=args.report)
@@ -75,7 +77,7 @@ def run(args) -> int:
 
 
 def run_model(args) -> int:
-    from calib.model import calibrate_model
+    from scarlet_deploy.calib.model import calibrate_model
 
     for res in calibrate_model(args.model, args.out_dir, args.val_dir, args.targets, args.report,
                                args.checkpoint, _config(args, onnx=Path(), images=Path(), output=Path())):

@@ -24,8 +24,7 @@ def logits(onnx_path: str | os.PathLike, images: np.ndarray, batch: int = 16, th
     """Logits through onnxruntime. `fake_quant` turns graph optimisations off, so Q/DQ pairs run as
     float quantise-dequantise around float kernels: the arithmetic an explicit-quantization
     engine such as TensorRT emulates, instead of onnxruntime's own integer kernels."""
-    from runtime.backends import OrtRunner
-    from runtime.ort import OrtOptions
+    from scarlet_deploy.runtime.runners.ort import OrtOptions, OrtRunner
 
     with OrtRunner(onnx_path, options=OrtOptions(threads=threads, opt_level="disable" if fake_quant else "all")) as r:
         return np.concatenate([r.infer(images[i:i + batch]) for i in range(0, len(images), batch)])
@@ -34,7 +33,7 @@ def logits(onnx_path: str | os.PathLike, images: np.ndarray, batch: int = 16, th
 def accuracy(out: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None = None) -> Accuracy:
     top1 = top5 = agree = rmse = None
     if labels is not None and np.all(labels >= 0):
-        from runtime.predict import top_k
+        from scarlet_deploy.runtime.core.logits import top_k
 
         top = top_k(out)
         top1 = 100.0 * float(np.mean(top[:, 0] == labels))
@@ -49,9 +48,8 @@ def side_by_side_throughput(paths: dict[str, str | os.PathLike], batch: int = 8,
                             threads: int | None = None, seed: int = 0) -> dict[str, float]:
     """Images/s per model, measured interleaved by the bench's own loop (rounds rotate the order,
     so load from other users of a shared machine hits every model alike); median call time."""
-    from runtime.backends import OrtRunner
-    from runtime.bench import measure_interleaved, wall_timer
-    from runtime.ort import OrtOptions
+    from scarlet_deploy.runtime.measure import measure_interleaved, wall_timer
+    from scarlet_deploy.runtime.runners.ort import OrtOptions, OrtRunner
 
     x = np.random.default_rng(seed).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     runners = {k: OrtRunner(p, options=OrtOptions(threads=threads)).load() for k, p in paths.items()}

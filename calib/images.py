@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import ScarletError
-from export.registry import Preprocess
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.data.preprocess import Preprocess
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,8 @@ class ImageSplit:
 
 def _images(root: str | os.PathLike) -> dict[Path, int]:
     """Image -> ImageNet-1k label (-1 where the folder layout gives none)."""
-    from runtime.dataset import open_dataset
-    from runtime.images import list_images
+    from scarlet_deploy.runtime.data.dataset import open_dataset
+    from scarlet_deploy.runtime.data.images import list_images
 
     if not Path(root).is_dir():
         raise ScarletError(f"image directory {root} does not exist; pass --images DIR with ImageNet-style <wnid>/*.JPEG "
@@ -44,7 +44,7 @@ def _images(root: str | os.PathLike) -> dict[Path, int]:
 def sample_across_classes(files: dict[Path, int], n: int, seed: int) -> list[Path]:
     """`n` files taken round-robin over the classes (their label, else their folder; shuffled with
     `seed`), so a small calibration set still covers as many classes as it can. Returned sorted."""
-    from runtime.classes import wnids
+    from scarlet_deploy.runtime.data.classes import wnids
 
     names = wnids()
     by_class: dict[str, list[Path]] = defaultdict(list)
@@ -82,7 +82,7 @@ def load(paths: list[Path] | tuple[Path, ...], preprocess: Preprocess, what: str
     """(N, 3, crop, crop) float32 through the reference pipeline (the one PyTorch parity is measured on)."""
     from tqdm import tqdm
 
-    from runtime.preprocess import reference
+    from scarlet_deploy.runtime.data.preprocess import reference
 
     out = np.empty((len(paths), 3, preprocess.crop, preprocess.crop), np.float32)
     for i, p in enumerate(tqdm(paths, desc=f"reading {what}", unit="img", leave=False, disable=len(paths) < 64)):

@@ -4,17 +4,24 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from export.errors import ScarletError
-
-from . import pipeline
+from scarlet_deploy.calib import pipeline
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 OUTPUT_SUFFIX = {"ort": ".int8.onnx", "trt": ".int8-trt.onnx"}
+# What `make calib` uses where `scarlet calibrate` leaves the budget to the user; bench and
+# gpu-check create missing INT8 models with the same settings.
+MODEL_DEFAULTS = {"num_images": 200, "max_top1_drop": 0.3, "min_agreement": 97.0, "bench_rounds": 10}
+
+
+def model_config(**overrides) -> pipeline.CalibConfig:
+    """The CalibConfig of `make calib` (paths are filled in per target by calibrate_model)."""
+    return pipeline.CalibConfig(onnx=Path(), images=Path(), output=Path(), **{**MODEL_DEFAULTS, **overrides})
 
 
 def ensure_onnx(model: str, out_dir: Path, checkpoint: str | None) -> Path:
     onnx = Path(out_dir) / f"{model}.onnx"
     if not onnx.exists():
-        from export.onnx_export import ExportConfig, export_model
+        from scarlet_deploy.export.onnx_export import ExportConfig, export_model
 
         export_model(ExportConfig(model=model, checkpoint=checkpoint, output=onnx))
     return onnx
@@ -22,7 +29,7 @@ def ensure_onnx(model: str, out_dir: Path, checkpoint: str | None) -> Path:
 
 def calibrate_model(model: str, out_dir: Path, val_dir: Path | None, targets: list[str], report: str | None,
                     checkpoint: str | None, base: pipeline.CalibConfig) -> list[pipeline.CalibResult]:
-    from runtime.images import default_val_dir
+    from scarlet_deploy.runtime.data.images import default_val_dir
 
     images = val_dir or default_val_dir()
     if images is None:

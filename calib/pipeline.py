@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from export.errors import ScarletError
-
-from . import cache as cache_mod
-from . import evaluate, images, qdq, ranges as ranges_mod, search, stats as stats_mod
+from scarlet_deploy.calib import cache as cache_mod
+from scarlet_deploy.calib import evaluate, images, qdq, search
+from scarlet_deploy.calib import ranges as ranges_mod
+from scarlet_deploy.calib import stats as stats_mod
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,8 @@ class CalibResult:
 
 
 def model_name(onnx_path: Path, explicit: str | None) -> str:
-    from export.artifacts import read_manifest
-    from export.registry import get_spec
+    from scarlet_deploy.export.registry import get_spec
+    from scarlet_deploy.runtime.core.artifacts import read_manifest
 
     man = read_manifest(onnx_path) or {}
     name = explicit or man.get("model")
@@ -94,8 +95,8 @@ def model_name(onnx_path: Path, explicit: str | None) -> str:
 def prepare(onnx_path: Path, images_dir: Path, num_images: int, seed: int = 0, eval_dir: Path | None = None,
             num_eval: int | None = None, model: str | None = None, sensitivity_images: int = 32,
             threads: int | None = None) -> Bench:
-    from export.artifacts import sha256_file
-    from export.registry import get_spec
+    from scarlet_deploy.export.registry import get_spec
+    from scarlet_deploy.runtime.core.artifacts import sha256_file
 
     if not Path(onnx_path).is_file():
         raise ScarletError(f"ONNX model {onnx_path} does not exist; create it with `scarlet export` (or `make export`).")
@@ -173,7 +174,7 @@ def _evaluate(bench: Bench, path: Path, target: qdq.Target) -> evaluate.Accuracy
 
 def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
     """Ranges (cache or statistics), the mixed-precision search, the final Q/DQ model and its manifest."""
-    from export.artifacts import atomic_path, sha256_file, tool_versions, write_manifest
+    from scarlet_deploy.runtime.core.artifacts import atomic_path, sha256_file, tool_versions, write_manifest
 
     target = qdq.get_target(cfg.target)
     budget = cfg.max_top1_drop is not None or cfg.min_agreement is not None
@@ -272,7 +273,7 @@ def compare_methods(bench: Bench, target: qdq.Target, ranges_by_method: dict[str
 
 def _check_cache_first(cfg: CalibConfig) -> None:
     """Refuse a stale cache before minutes of image loading and inference, not after."""
-    from export.artifacts import sha256_file
+    from scarlet_deploy.runtime.core.artifacts import sha256_file
 
     if cfg.cache is None or not Path(cfg.cache).exists() or cfg.refresh_stale_cache or not Path(cfg.onnx).is_file():
         return
@@ -295,7 +296,7 @@ def calibrate(cfg: CalibConfig) -> tuple[Bench, CalibResult]:
 # ---- report -------------------------------------------------------------------------------------
 
 def report_data(bench: Bench, results: list[CalibResult]) -> dict[str, Any]:
-    from runtime.report import environment
+    from scarlet_deploy.runtime.core.report import environment
 
     return {
         "model": bench.model,
@@ -325,7 +326,7 @@ def report_data(bench: Bench, results: list[CalibResult]) -> dict[str, Any]:
 
 
 def report_markdown(data: dict[str, Any]) -> str:
-    from runtime.report import fmt, markdown_table
+    from scarlet_deploy.runtime.core.report import fmt, markdown_table
 
     acc_cols = ["images", "top1 %", "top5 %", "agreement %", "logits rel. RMSE"]
 
@@ -370,7 +371,7 @@ def report_markdown(data: dict[str, Any]) -> str:
 
 
 def write_report(prefix: str, bench: Bench, results: list[CalibResult]) -> dict[str, Any]:
-    from runtime.report import write_reports
+    from scarlet_deploy.runtime.core.report import write_reports
 
     data = report_data(bench, results)
     write_reports(data, report_markdown(data), f"{prefix}.json", f"{prefix}.md")

@@ -77,7 +77,7 @@ def get_target(name: str) -> Target:
     saturation), 7-bit weights 0.22 (94.0 %), 7-bit GEMM inputs 0.12 (96.3 %), at the same speed
     (1.51x vs 1.52x FP32, one interleaved run). UINT8 weights avoid saturation too but run 3x
     slower than FP32."""
-    from export.errors import ScarletError
+    from scarlet_deploy.runtime.core.errors import ScarletError
 
     if name not in TARGET_CONFIGS:
         raise ScarletError(f"unknown --target {name!r}; choose one of: {', '.join(TARGETS)}.")

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.errors import ScarletError
-
-from .stats import TensorStats
+from scarlet_deploy.calib.stats import TensorStats
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 PERCENTILE = 99.99

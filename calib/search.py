@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import evaluate, qdq
+from scarlet_deploy.calib import evaluate, qdq
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def _augmented_session(onnx_path: str | os.PathLike, threads: int | None):
 
     import onnx
 
-    from runtime.ort import OrtOptions, make_session
+    from scarlet_deploy.runtime.runners.ort import OrtOptions, make_session
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
     names = activation_tensors(model)

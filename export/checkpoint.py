@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .artifacts import sha256_file
-from .errors import ScarletError
-from .registry import MODELS, get_spec
+from scarlet_deploy.export.registry import MODELS, get_spec
+from scarlet_deploy.runtime.core.artifacts import sha256_file
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 SEEDED = "seeded, not pretrained"
 WRAPPER_KEYS = ("model_state", "state_dict", "model")
@@ -134,7 +134,7 @@ def load_model(name: str, let: bool = False, checkpoint: str | os.PathLike | Non
     else:
         source = str(checkpoint)
     if checkpoint is None:
-        from .weights import SYNTHETIC_IMAGES, realistic_weights_, sample_images
+        from scarlet_deploy.export.weights import SYNTHETIC_IMAGES, realistic_weights_, sample_images
 
         # Real photos keep activations O(1) on real data; synthetic ones where none are at hand.
         images, origin = sample_images(SYNTHETIC_IMAGES, spec.preprocess, seed)
@@ -147,4 +147,3 @@ def load_model(name: str, let: bool = False, checkpoint: str | os.PathLike | Non
         raise ScarletError(_mismatch_message(str(checkpoint), name, let, sd))
     model.load_state_dict(sd, strict=False)  # strictness checked above, num_batches_tracked optional
     return LoadedModel(model.eval(), name, let, True, sha256_file(checkpoint), source)
-

@@ -6,8 +6,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .onnx_export import DEFAULT_OPSET
-    from .registry import MODELS
+    from scarlet_deploy.export.onnx_export import DEFAULT_OPSET
+    from scarlet_deploy.export.registry import MODELS
 
     p = sub.add_parser("export", help="export one model to simplified ONNX (+ manifest)")
     p.add_argument("--model", required=True, choices=sorted(MODELS))
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(model: str, let: bool, checkpoint: str | None, opset: int, batch: str, seed: int, output: Path):
-    from .onnx_export import ExportConfig, export_model
+    from scarlet_deploy.export.onnx_export import ExportConfig, export_model
 
     report = export_model(ExportConfig(model, output, let, checkpoint, opset, batch, seed))
     m = report.manifest
@@ -54,8 +54,8 @@ def run_export(args: argparse.Namespace) -> int:
 def run_export_all(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from runtime.report import markdown_table
-    from .errors import ScarletError
+    from scarlet_deploy.runtime.core.errors import ScarletError
+    from scarlet_deploy.runtime.core.report import markdown_table
 
     if args.checkpoint and len(args.models) != 1:
         raise ScarletError("--checkpoint belongs to one model; pass a single --models NAME with it.")

@@ -14,8 +14,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .lite0 import EfficientNetLite0
-from .scarlet import LET, InvertedResidual, ScarletNet
+from scarlet_deploy.export.lite0 import EfficientNetLite0
+from scarlet_deploy.export.scarlet import LET, InvertedResidual, ScarletNet
 
 # Above this condition number A^-1 amplifies float32 rounding by more than ~1e4 * 6e-8:
 # the LET stays a 1x1 conv rather than risk a visible logit change.

@@ -18,8 +18,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .artifacts import atomic_path, read_manifest, sha256_file, write_manifest
-from .errors import ScarletError
+from scarlet_deploy.runtime.core.artifacts import atomic_path, read_manifest, sha256_file, write_manifest
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 # Reductions accumulate many terms: an FP16 sum of 7x7x1280 activations loses digits, and
 # Softmax's exp overflows FP16 beyond ~11. They are cheap, so they stay float32.
@@ -125,8 +125,7 @@ def logit_agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
 
 def ort_parity(fp32_onnx: str | Path, fp16_onnx: str | Path, x: np.ndarray, threads: int | None = None) -> dict[str, Any]:
     """FP16 vs FP32 logits on onnxruntime CPU for one preprocessed batch."""
-    from runtime.backends import OrtRunner
-    from runtime.ort import OrtOptions
+    from scarlet_deploy.runtime.runners.ort import OrtOptions, OrtRunner
 
     opts = OrtOptions(threads=threads)
     with OrtRunner(fp32_onnx, options=opts) as a, OrtRunner(fp16_onnx, options=opts) as b:
@@ -134,13 +133,14 @@ def ort_parity(fp32_onnx: str | Path, fp16_onnx: str | Path, x: np.ndarray, thre
 
 
 def _parity_on_images(cfg: Fp16Config, output: Path, source_manifest: dict | None) -> dict[str, Any] | None:
-    from runtime.images import fixed_images
-    from runtime.preprocess import load_batch
+    from scarlet_deploy.runtime.data.images import fixed_images
+    from scarlet_deploy.runtime.data.preprocess import load_batch
 
     paths = fixed_images(cfg.parity_images) if cfg.parity_images > 0 else []
     if not paths:
         return None
-    from export.registry import MODELS, Preprocess
+    from scarlet_deploy.export.registry import MODELS
+    from scarlet_deploy.runtime.data.preprocess import Preprocess
 
     name = (source_manifest or {}).get("model")
     preprocess = MODELS[name].preprocess if name in MODELS else Preprocess()

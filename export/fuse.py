@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-
 import onnx
 from onnx import helper, numpy_helper
 
@@ -113,5 +112,3 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
-
-

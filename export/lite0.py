@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .scarlet import Block
+from scarlet_deploy.export.scarlet import Block
 
 # (expansion, out, kernel, first stride, repeats) per stage, as in the EfficientNet-B0/Lite0 table.
 LITE0_STAGES = ((1, 16, 3, 1, 1), (6, 24, 3, 2, 2), (6, 40, 5, 2, 2), (6, 80, 3, 2, 3),

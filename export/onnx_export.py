@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .artifacts import atomic_path, sha256_file, tool_versions, write_manifest
-from .checkpoint import LoadedModel, load_model
-from .errors import ScarletError
-from .fold import fold
-from .fuse import fuse_hard_activations, op_histogram
-from .registry import get_spec
-from .weights import sample_images
+from scarlet_deploy.export.checkpoint import LoadedModel, load_model
+from scarlet_deploy.export.fold import fold
+from scarlet_deploy.export.fuse import fuse_hard_activations, op_histogram
+from scarlet_deploy.export.registry import get_spec
+from scarlet_deploy.export.weights import sample_images
+from scarlet_deploy.runtime.core.artifacts import atomic_path, sha256_file, tool_versions, write_manifest
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # HardSwish

@@ -4,23 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
+from scarlet_deploy.runtime.data.preprocess import Preprocess
+
 if TYPE_CHECKING:  # torch is imported only when a model is built: decode workers never need it
     from torch import nn
 
-from .errors import ScarletError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Shorter side to `resize` (bilinear), centre crop `crop`, RGB, /255, (x-mean)/std."""
-
-    resize: int = 256
-    crop: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 
 @dataclass(frozen=True)
@@ -42,7 +31,7 @@ class ModelSpec:
 
 def _scarlet(name: str) -> Callable[[bool], nn.Module]:
     def build(let: bool) -> nn.Module:
-        from .scarlet import build_scarlet
+        from scarlet_deploy.export.scarlet import build_scarlet
 
         return build_scarlet(name, let)
 
@@ -50,13 +39,13 @@ def _scarlet(name: str) -> Callable[[bool], nn.Module]:
 
 
 def _lite0(let: bool) -> nn.Module:
-    from .lite0 import EfficientNetLite0
+    from scarlet_deploy.export.lite0 import EfficientNetLite0
 
     return EfficientNetLite0()
 
 
 def _lite0_weights() -> str:
-    from .lite0 import shipped_checkpoint
+    from scarlet_deploy.export.lite0 import shipped_checkpoint
 
     return shipped_checkpoint()
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layers import HSwish, SqueezeExcite, conv_bn
+from scarlet_deploy.export.layers import HSwish, SqueezeExcite, conv_bn
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .scarlet import LET
+from scarlet_deploy.export.scarlet import LET
 
 SYNTHETIC_IMAGES = 16
 
@@ -32,8 +32,8 @@ def synthetic_images(n: int = SYNTHETIC_IMAGES, size: int = 224, seed: int = 0) 
 def sample_images(n: int, preprocess, seed: int = 0) -> tuple[np.ndarray, str]:
     """`n` preprocessed real photos where the shared ImageNet sample is at hand, else `n`
     deterministic synthetic images; with a phrase saying which."""
-    from runtime.images import default_val_dir, fixed_images
-    from runtime.preprocess import load_batch
+    from scarlet_deploy.runtime.data.images import default_val_dir, fixed_images
+    from scarlet_deploy.runtime.data.preprocess import load_batch
 
     files = fixed_images(n)
     if len(files) == n:

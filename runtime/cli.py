@@ -11,16 +11,16 @@ import importlib
 import sys
 import textwrap
 
-from export.errors import ScarletError
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 COMMAND_MODULES = (
-    "export.cli",
-    "runtime.predict",
-    "runtime.verify",
-    "calib.cli",
-    "runtime.tensorrt_cli",
-    "runtime.bench",
-    "runtime.profile",
+    "scarlet_deploy.export.cli",
+    "scarlet_deploy.runtime.predict",
+    "scarlet_deploy.runtime.verify.cli",
+    "scarlet_deploy.calib.cli",
+    "scarlet_deploy.runtime.tensorrt_cli",
+    "scarlet_deploy.runtime.bench.cli",
+    "scarlet_deploy.runtime.profile",
 )
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import Any
 
-from export.errors import ScarletError
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 # op type -> index of its weight input (the kernel / the second matmul operand)
 _CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}

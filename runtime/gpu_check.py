@@ -1,6 +1,6 @@
 """`make gpu-check`: TensorRT fp32/fp16/int8 plans for every model, verified against PyTorch and timed.
 
-    python -m runtime.gpu_check --build-dir build [--val-dir DIR] --report reports/gpu-check
+    python -m scarlet_deploy.runtime.gpu_check --build-dir build [--val-dir DIR] --report reports/gpu-check
 
 Exports (and calibrates) the ONNX it needs when missing, builds each plan (timing cache
 shared across builds), compares logits with PyTorch on real images (top-1 agreement,
@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from export.errors import ScarletError
+from scarlet_deploy.calib.model import calibrate_model, model_config
+from scarlet_deploy.export.trt_build import int8_onnx_path
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 MODELS = ("scarlet_a", "scarlet_b", "scarlet_c", "efficientnet_lite0")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -57,7 +59,7 @@ class Row:
 
 
 def _ensure_onnx(model: str, build: Path) -> Path:
-    from export.onnx_export import ExportConfig, export_model
+    from scarlet_deploy.export.onnx_export import ExportConfig, export_model
 
     path = build / f"{model}.onnx"
     if not path.is_file():
@@ -67,29 +69,21 @@ def _ensure_onnx(model: str, build: Path) -> Path:
 
 
 def _ensure_int8(model: str, build: Path, val_dir: Path | None, reports: Path) -> tuple[Path | None, str]:
-    """The TensorRT Q/DQ ONNX, calibrated through the `calibrate-model` command when missing."""
-    from runtime.tensorrt import int8_onnx_path
-
+    """The TensorRT Q/DQ ONNX, calibrated as `make calib` does when missing."""
     path = int8_onnx_path(build / f"{model}.onnx")
     if path.is_file():
         return path, ""
-    from runtime import cli
-
-    argv = ["calibrate-model", "--model", model, "--out-dir", str(build), "--report", str(reports / f"calib-{model}")]
-    argv += ["--val-dir", str(val_dir)] if val_dir else []
     try:
-        rc = cli.main(argv)
-    except SystemExit as e:  # argparse: the command is not there (yet)
-        rc = e.code
-    if path.is_file():
-        return path, ""
-    return None, f"skipped: no {path.name} (`scarlet {' '.join(argv[:1])}` exited {rc}; run `make calib MODEL={model}`)"
+        calibrate_model(model, build, val_dir, ["trt"], str(reports / f"calib-{model}"), None, model_config())
+    except ScarletError as e:
+        return None, f"skipped: no {path.name} (calibration failed: {str(e).rstrip('.')}; run `make calib MODEL={model}`)"
+    return path, ""
 
 
 def _reference_model(model: str, onnx_path: Path):
     """The PyTorch model with the weights the ONNX was exported from (per its manifest)."""
-    from export.artifacts import read_manifest
-    from export.checkpoint import load_model
+    from scarlet_deploy.export.checkpoint import load_model
+    from scarlet_deploy.runtime.core.artifacts import read_manifest
 
     m = read_manifest(onnx_path) or {}
     source = m.get("weights_source")
@@ -103,8 +97,8 @@ def _reference_model(model: str, onnx_path: Path):
 
 def _images(val_dir: Path | None, n: int) -> tuple[list[Path], np.ndarray | None]:
     """`n` images spread over the folder, and labels when the folders are ImageNet wnids."""
-    from runtime.classes import wnid_to_index
-    from runtime.images import default_val_dir, list_images
+    from scarlet_deploy.runtime.data.classes import wnid_to_index
+    from scarlet_deploy.runtime.data.images import default_val_dir, list_images
 
     root = val_dir or default_val_dir()
     if root is None:
@@ -126,8 +120,9 @@ def _stats(ms: list[float], batch: int) -> dict[str, float]:
 
 def _check_one(cfg: CheckConfig, model: str, precision: str, onnx_path: Path, int8: Path | None,
                x: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> Row:
-    from export.fp16 import logit_agreement
-    from runtime.tensorrt import BatchProfile, EngineConfig, TrtRunner, build_engine
+    from scarlet_deploy.export.fp16 import logit_agreement
+    from scarlet_deploy.export.trt_build import BatchProfile, EngineConfig, build_engine
+    from scarlet_deploy.runtime.runners.trt import TrtRunner
 
     plan = cfg.build_dir / f"{model}.{precision}.plan"
     r = build_engine(EngineConfig(onnx_path, precision, plan, int8_onnx=int8, batch=BatchProfile(*PROFILE),
@@ -151,16 +146,16 @@ def _check_one(cfg: CheckConfig, model: str, precision: str, onnx_path: Path, in
 
 def run_check(cfg: CheckConfig) -> dict[str, Any]:
     """Every (model, precision) row; stops at once (ScarletError) without TensorRT 11 or a GPU."""
-    from runtime.tensorrt import require_gpu
+    from scarlet_deploy.runtime.runners.trt import require_gpu
 
     here = require_gpu()  # before anything is imported, exported, built or written
 
     import torch
     from tqdm import tqdm
 
-    from export.registry import get_spec
-    from runtime.preprocess import load_batch
-    from runtime.report import environment
+    from scarlet_deploy.export.registry import get_spec
+    from scarlet_deploy.runtime.core.report import environment
+    from scarlet_deploy.runtime.data.preprocess import load_batch
 
     t0 = time.perf_counter()
     cfg.build_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +195,7 @@ def run_check(cfg: CheckConfig) -> dict[str, Any]:
 
 
 def markdown(data: dict[str, Any]) -> str:
-    from runtime.report import markdown_table
+    from scarlet_deploy.runtime.core.report import markdown_table
 
     b = PROFILE[1]
     rows = [[r["model"], r["precision"], r["status"], r["build_s"], r["parity"].get("top1_agreement"),
@@ -218,7 +213,7 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m scarlet_deploy.runtime.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--build-dir", type=Path, default=Path("build"))
     p.add_argument("--val-dir", type=Path)
     p.add_argument("--report", type=Path, default=Path("reports/gpu-check"), help="writes REPORT.json and REPORT.md")
@@ -234,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     except ScarletError as e:
         print(textwrap.fill(f"error: {e}", width=100), file=sys.stderr)
         return 2
-    from runtime.report import write_reports
+    from scarlet_deploy.runtime.core.report import write_reports
 
     md = markdown(data)
     write_reports(data, md, f"{cfg.report}.json", f"{cfg.report}.md")

@@ -28,7 +28,7 @@ def measure_peak(seconds: float = 1.0, n: int = 2048, threads: int | None = None
     """Best rate of `n`x`n` float32 matmuls run for about `seconds` (after one warm-up)."""
     import torch
 
-    from .ort import physical_cores
+    from scarlet_deploy.runtime.core.host import physical_cores
 
     threads = threads or physical_cores()
     previous = torch.get_num_threads()

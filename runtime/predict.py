@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import ScarletError
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.logits import softmax, top_k
 
 
 @dataclass
@@ -18,23 +19,9 @@ class Prediction:
     top: list[tuple[int, str, float]]  # (class index, name, probability)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def top_k(logits: np.ndarray, k: int = 5) -> np.ndarray:
-    """(N, k) class indices, highest logit first (argpartition: no full sort of 1000 classes)."""
-    k = min(k, logits.shape[1])
-    idx = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    order = np.take_along_axis(-logits, idx, axis=1).argsort(axis=1, kind="stable")
-    return np.take_along_axis(idx, order, axis=1)
-
-
 def model_for_onnx(onnx_path: str | Path, model: str | None = None) -> str:
     """The registry model an ONNX was exported from (its manifest says), unless given."""
-    from export.artifacts import read_manifest
+    from scarlet_deploy.runtime.core.artifacts import read_manifest
 
     if model:
         return model
@@ -47,11 +34,10 @@ def model_for_onnx(onnx_path: str | Path, model: str | None = None) -> str:
 def predict(onnx_path: str | Path, images: list[str], model: str | None = None, top: int = 5,
             pipeline: str = "deploy") -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Predictions for the readable images, and (path, reason) for the skipped ones."""
-    from export.registry import get_spec
-
-    from . import classes
-    from .backends import OrtRunner
-    from .preprocess import PIPELINES, UnreadableImage
+    from scarlet_deploy.export.registry import get_spec
+    from scarlet_deploy.runtime.data import classes
+    from scarlet_deploy.runtime.data.preprocess import PIPELINES, UnreadableImage
+    from scarlet_deploy.runtime.runners.ort import OrtRunner
 
     spec = get_spec(model_for_onnx(onnx_path, model))
     tensors, kept, skipped = [], [], []

@@ -13,9 +13,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from export.errors import ScarletError
-
-from .ort import OrtOptions, make_session
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.runners.ort import OrtOptions, make_session
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,7 @@ class OpTime:
 def profile(onnx_path: str | os.PathLike, batch: int = 8, runs: int = 10, warmup: int = 2,
             options: OrtOptions = OrtOptions()) -> list[OpTime]:
     """Kernel time per operator type over `runs` runs after `warmup` runs, largest first."""
-    from .bench import bench_input, onnx_image_size
+    from scarlet_deploy.runtime.bench.plan import bench_input, onnx_image_size
 
     if batch < 1 or runs < 1:
         raise ScarletError("--batch and --runs must be at least 1.")
@@ -56,7 +55,7 @@ def profile(onnx_path: str | os.PathLike, batch: int = 8, runs: int = 10, warmup
 
 
 def markdown(path: str, batch: int, ops: list[OpTime]) -> str:
-    from .report import markdown_table
+    from scarlet_deploy.runtime.core.report import markdown_table
 
     return (f"onnxruntime kernel time by operator type: `{path}`, batch {batch}\n\n"
             + markdown_table(["operator", "nodes", "share %", "ms per run"],
@@ -74,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from export.artifacts import write_json_atomic
+    from scarlet_deploy.runtime.core.artifacts import write_json_atomic
 
     ops = profile(args.onnx, args.batch, args.runs, options=OrtOptions(threads=args.threads))
     print(markdown(args.onnx, args.batch, ops), end="")

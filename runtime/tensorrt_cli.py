@@ -33,7 +33,7 @@ def register(sub) -> None:
 
 
 def run_engine(args) -> int:
-    from .tensorrt import BatchProfile, EngineConfig, build_engine
+    from scarlet_deploy.export.trt_build import BatchProfile, EngineConfig, build_engine
 
     cfg = EngineConfig(onnx=args.onnx, precision=args.precision, output=args.output, int8_onnx=args.int8_onnx,
                        batch=BatchProfile.parse(args.batch), workspace_gb=args.workspace,
@@ -47,7 +47,7 @@ def run_engine(args) -> int:
 
 
 def run_fp16(args) -> int:
-    from export.fp16 import Fp16Config, convert_to_fp16, report_dict
+    from scarlet_deploy.export.fp16 import Fp16Config, convert_to_fp16, report_dict
 
     r = convert_to_fp16(Fp16Config(onnx=args.onnx, output=args.output, parity_images=args.images, force=args.force))
     print(json.dumps(report_dict(r), indent=2))

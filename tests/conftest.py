@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from export.checkpoint import LoadedModel, load_model
-from export.onnx_export import ExportConfig, ExportReport, export_model
-from export.registry import get_spec
-from runtime.images import default_val_dir, list_images
-from runtime.preprocess import load_batch
+from scarlet_deploy.export.checkpoint import LoadedModel, load_model
+from scarlet_deploy.export.onnx_export import ExportConfig, ExportReport, export_model
+from scarlet_deploy.export.registry import get_spec
+from scarlet_deploy.runtime.data.images import default_val_dir, list_images
+from scarlet_deploy.runtime.data.preprocess import load_batch
 
 torch.set_num_threads(2)
 
@@ -90,7 +90,7 @@ def scarlet_onnx(exported) -> callable:
 def lite0_reference(val_files, loaded_model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(inputs, PyTorch logits, labels) of trained Lite0 on every shared image, computed once:
     PyTorch eager is the slowest part of the suite."""
-    from runtime.classes import wnid_to_index
+    from scarlet_deploy.runtime.data.classes import wnid_to_index
 
     model = loaded_model("efficientnet_lite0").model
     x = load_batch(val_files, get_spec("efficientnet_lite0").preprocess)

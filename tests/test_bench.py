@@ -10,11 +10,19 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.errors import ScarletError
-from runtime import bench
-from runtime.flops import count_macs
-from runtime.ort import OrtOptions
-
+from scarlet_deploy.runtime import measure
+from scarlet_deploy.runtime.bench import memory as bmem
+from scarlet_deploy.runtime.bench import plan as bplan
+from scarlet_deploy.runtime.bench import plot as bplot
+from scarlet_deploy.runtime.bench import readme as breadme
+from scarlet_deploy.runtime.bench import report as breport
+from scarlet_deploy.runtime.bench import run as brun
+from scarlet_deploy.runtime.bench import tune as btune
+from scarlet_deploy.runtime.core import host
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.flops import count_macs
+from scarlet_deploy.runtime.runners.base import Runner
+from scarlet_deploy.runtime.runners.ort import OrtOptions
 
 # ---------------------------------------------------------------- tiny models
 
@@ -91,7 +99,7 @@ def test_macs_missing_file_is_a_clear_error(tmp_path):
 
 
 def test_peak_is_positive_and_described():
-    from runtime.peak import measure_peak
+    from scarlet_deploy.runtime.peak import measure_peak
 
     p = measure_peak(seconds=0.01, n=128, threads=1)
     assert p.gflops > 0 and p.threads == 1 and "128x128" in p.method
@@ -100,7 +108,7 @@ def test_peak_is_positive_and_described():
 # ---------------------------------------------------------------- statistics
 
 def test_cell_stats_percentiles_throughput_spread():
-    s = bench.CellStats.from_rounds([[0.1, 0.1], [0.2, 0.2]], batch=2)
+    s = measure.CellStats.from_rounds([[0.1, 0.1], [0.2, 0.2]], batch=2)
     assert s.calls == 4
     assert s.p50_ms == pytest.approx(150.0)
     assert s.p90_ms == pytest.approx(200.0) and s.p99_ms == pytest.approx(200.0)
@@ -111,7 +119,7 @@ def test_cell_stats_percentiles_throughput_spread():
 
 
 def test_percentiles_interpolate():
-    s = bench.CellStats.from_rounds([[i / 1000 for i in range(1, 101)]], batch=1)  # 1..100 ms
+    s = measure.CellStats.from_rounds([[i / 1000 for i in range(1, 101)]], batch=1)  # 1..100 ms
     assert s.p50_ms == pytest.approx(50.5)
     assert s.p90_ms == pytest.approx(90.1)
     assert s.p99_ms == pytest.approx(99.01)
@@ -119,19 +127,19 @@ def test_percentiles_interpolate():
 
 def test_cell_stats_rejects_empty_round():
     with pytest.raises(ValueError):
-        bench.CellStats.from_rounds([[0.1], []], batch=1)
+        measure.CellStats.from_rounds([[0.1], []], batch=1)
 
 
 def test_paired_ratio_is_round_by_round():
-    r = bench.paired_ratio([10, 20, 30], [5, 5, 10])  # 2x, 4x, 3x
+    r = measure.paired_ratio([10, 20, 30], [5, 5, 10])  # 2x, 4x, 3x
     assert (r.median, r.low, r.high) == (3.0, 2.0, 4.0)
     assert r.text() == "3.00 (2.00-4.00)"
     with pytest.raises(ValueError):
-        bench.paired_ratio([1, 2], [1])
+        measure.paired_ratio([1, 2], [1])
 
 
 def test_round_orders_rotate_every_backend_through_every_position():
-    orders = bench.round_orders(["a", "b", "c"], 3)
+    orders = measure.round_orders(["a", "b", "c"], 3)
     assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
 
 
@@ -144,7 +152,7 @@ def test_measure_interleaved_excludes_warmup_and_interleaves():
             return [0.001]
         return call
 
-    rounds = bench.measure_interleaved({"a": fake("a"), "b": fake("b")}, repeats=2, seconds=1e-9, warmup_s=0,
+    rounds = btune.measure_interleaved({"a": fake("a"), "b": fake("b")}, repeats=2, seconds=1e-9, warmup_s=0,
                                        min_calls=3)
     assert log == ["a"] * 2 + ["b"] * 2 + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3  # warm-up, then A B, B A
     assert {k: [len(r) for r in v] for k, v in rounds.items()} == {"a": [3, 3], "b": [3, 3]}
@@ -152,11 +160,11 @@ def test_measure_interleaved_excludes_warmup_and_interleaves():
 
 def test_config_rejects_bad_input():
     with pytest.raises(ScarletError, match="unknown backend"):
-        bench.BenchConfig(models=["scarlet_a"], backends=["tensorflow"])
+        bplan.BenchConfig(models=["scarlet_a"], backends=["tensorflow"])
     with pytest.raises(ScarletError, match="unknown model"):
-        bench.BenchConfig(models=["resnet50"])
+        bplan.BenchConfig(models=["resnet50"])
     with pytest.raises(ScarletError, match="batch"):
-        bench.BenchConfig(models=["scarlet_a"], batches=[0])
+        bplan.BenchConfig(models=["scarlet_a"], batches=[0])
 
 
 # ---------------------------------------------------------------- a whole run on a tiny model
@@ -164,16 +172,16 @@ def test_config_rejects_bad_input():
 @pytest.fixture(scope="module")
 def tiny_run(tiny_build, tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setattr(bench, "load_baseline", lambda name: SimpleNamespace(model=_TinyNet()))
-    cfg = bench.BenchConfig(models=["scarlet_a"], batches=[1, 2], threads=1, build_dir=tiny_build, repeats=2,
+    mp.setattr(brun, "load_baseline", lambda name: SimpleNamespace(model=_TinyNet()))
+    cfg = bplan.BenchConfig(models=["scarlet_a"], batches=[1, 2], threads=1, build_dir=tiny_build, repeats=2,
                             seconds=0.01, warmup_s=0, memory=False, peak_seconds=0.01,
                             reports_dir=tmp_path_factory.mktemp("reports"))
-    from runtime.peak import Peak
+    from scarlet_deploy.runtime.peak import Peak
 
     samples = iter([20.0, 50.0])  # busy at the start, idle after the model: the best sample counts
-    mp.setattr("runtime.peak.measure_peak", lambda seconds, threads: Peak(next(samples), 8, threads, seconds, "fake"))
+    mp.setattr("scarlet_deploy.runtime.peak.measure_peak", lambda seconds, threads: Peak(next(samples), 8, threads, seconds, "fake"))
     try:
-        yield bench.run_bench(cfg)
+        yield brun.run_bench(cfg)
     finally:
         mp.undo()
 
@@ -205,156 +213,150 @@ def test_run_rows_carry_ratios_work_and_sizes(tiny_run):
 
 
 def test_markdown_table_has_one_row_per_measurement(tiny_run):
-    md = bench.render_markdown(tiny_run)
+    md = breport.render_markdown(tiny_run)
     table = [ln for ln in md.splitlines() if ln.startswith("| ")]
-    assert table[0] == "| " + " | ".join(bench.TABLE_HEADERS) + " |"
+    assert table[0] == "| " + " | ".join(breport.TABLE_HEADERS) + " |"
     assert len(table) == 1 + len(tiny_run["results"])
-    assert all(ln.count("|") == len(bench.TABLE_HEADERS) + 1 for ln in table)
+    assert all(ln.count("|") == len(breport.TABLE_HEADERS) + 1 for ln in table)
     assert tiny_run["environment"]["date"] in md and "Not measured:" in md
     assert "| scarlet_a | ORT FP32 | 2 |" in md
 
 
 def test_plot_writes_a_png(tiny_run, tmp_path):
     out = tmp_path / "bench.png"
-    bench.plot(tiny_run, out)
+    bplot.plot(tiny_run, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_adds_accuracy_panel_when_verify_results_exist(tiny_run, tmp_path):
     data = json.loads(json.dumps(tiny_run))
     data["models"]["scarlet_a"]["accuracy"] = {"torch": 0.75, "ort": 0.75}
-    bench.plot(data, tmp_path / "b.png")
+    bplot.plot(data, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 0
 
 
 def test_memory_probe_reports_peak_growth_per_batch(tiny_build):
-    cfg = bench.BenchConfig(models=["scarlet_a"], batches=[1, 4], threads=1, build_dir=tiny_build)
-    art = bench.Artifact("ort", tiny_build / "scarlet_a.onnx", 0.0)
-    m = bench.measure_memory("scarlet_a", "ort", art, cfg, size=16)
+    cfg = bplan.BenchConfig(models=["scarlet_a"], batches=[1, 4], threads=1, build_dir=tiny_build)
+    art = bplan.Artifact("ort", tiny_build / "scarlet_a.onnx", 0.0)
+    m = bmem.measure_memory("scarlet_a", "ort", art, cfg, size=16)
     assert set(m["peak_mb"]) == {"1", "4"}, m
     assert 0 <= m["peak_mb"]["1"] <= m["peak_mb"]["4"] < 500
 
 
 def test_tune_tries_the_grid_and_names_a_winner(tiny_build):
-    cfg = bench.BenchConfig(models=["scarlet_a"], threads=1, build_dir=tiny_build)
-    t = bench.tune_ort(tiny_build / "scarlet_a.onnx", 1, cfg, repeats=1, seconds=0.001, warmup_s=0)
-    assert len(t["grid"]) == len(bench.tune_grid(1))  # the default (1 thread, all, sequential, arena) is in it
+    cfg = bplan.BenchConfig(models=["scarlet_a"], threads=1, build_dir=tiny_build)
+    t = btune.tune_ort(tiny_build / "scarlet_a.onnx", 1, cfg, repeats=1, seconds=0.001, warmup_s=0)
+    assert len(t["grid"]) == len(btune.tune_grid(1))  # the default (1 thread, all, sequential, arena) is in it
     assert t["best"] == t["grid"][0]["options"] and t["winner"] in (t["best"], t["default"])
-    assert OrtOptions(**t["winner"]) in bench.tune_grid(1)
+    assert OrtOptions(**t["winner"]) in btune.tune_grid(1)
     assert t["gain_over_default"] >= 1.0
 
 
 def test_cli_bad_backend_exits_2(capsys):
-    from runtime.cli import main
+    from scarlet_deploy.runtime.cli import main
 
     assert main(["bench", "--models", "scarlet_a", "--backends", "ort,nope"]) == 2
     assert "unknown backend" in capsys.readouterr().err
 
 
 def test_summary_states_the_target_ratios(tiny_run):
-    lines = bench.summary_lines(tiny_run)
+    lines = breport.summary_lines(tiny_run)
     assert len(lines) == 1 and lines[0].startswith("- scarlet_a: ORT FP32 / PyTorch ")
     assert "at batch 2" in lines[0] and "batch-1 latency PyTorch / ORT FP32" in lines[0]
 
 
 def test_tune_keeps_the_default_unless_a_setting_clearly_wins(tiny_build, monkeypatch):
-    cfg = bench.BenchConfig(models=["scarlet_a"], threads=1, build_dir=tiny_build)
+    cfg = bplan.BenchConfig(models=["scarlet_a"], threads=1, build_dir=tiny_build)
     # every setting equally fast: the default must stay
-    monkeypatch.setattr(bench, "measure_interleaved",
+    monkeypatch.setattr(btune, "measure_interleaved",
                         lambda calls, *a, **k: {name: [[0.01, 0.01]] for name in calls})
-    t = bench.tune_ort(tiny_build / "scarlet_a.onnx", 1, cfg, repeats=1, seconds=0.001, warmup_s=0)
+    t = btune.tune_ort(tiny_build / "scarlet_a.onnx", 1, cfg, repeats=1, seconds=0.001, warmup_s=0)
     assert t["winner"] == t["default"] == {"threads": 1, "opt_level": "all", "execution_mode": "sequential",
                                            "memory_arena": True}
     assert t["gain_over_default"] == pytest.approx(1.0)
 
 
 def test_tune_adopts_a_setting_that_clearly_wins(tiny_build, monkeypatch):
-    cfg = bench.BenchConfig(models=["scarlet_a"], threads=1, build_dir=tiny_build)
-    monkeypatch.setattr(bench, "measure_interleaved",
+    cfg = bplan.BenchConfig(models=["scarlet_a"], threads=1, build_dir=tiny_build)
+    monkeypatch.setattr(btune, "measure_interleaved",
                         lambda calls, *a, **k: {n: [[0.005 if n == "option3" else 0.01]] for n in calls})
-    t = bench.tune_ort(tiny_build / "scarlet_a.onnx", 1, cfg, repeats=1, seconds=0.001, warmup_s=0)
+    t = btune.tune_ort(tiny_build / "scarlet_a.onnx", 1, cfg, repeats=1, seconds=0.001, warmup_s=0)
     assert t["winner"] == t["best"] != t["default"] and t["gain_over_default"] == pytest.approx(2.0)
 
 
-class _SmallProfileRunner:
+class _SmallProfileRunner(Runner):
     """A backend that only runs batch 1 (like a fixed-batch export or a narrow engine profile)."""
 
     kind = "fake"
-
-    def load(self):
-        return self
 
     def infer(self, x):
         if len(x) > 1:
             raise ScarletError("batch 2 is outside the plan's profile [1, 1]")
         return np.zeros((len(x), 10), np.float32)
 
-    def close(self):
-        pass
-
 
 def test_a_backend_that_cannot_run_a_batch_is_skipped_with_the_reason(tiny_build, monkeypatch):
     from tqdm import tqdm
 
-    cfg = bench.BenchConfig(models=["scarlet_a"], backends=["ort"], batches=[1, 2], threads=1, build_dir=tiny_build,
+    cfg = bplan.BenchConfig(models=["scarlet_a"], backends=["ort"], batches=[1, 2], threads=1, build_dir=tiny_build,
                             repeats=1, seconds=0.001, warmup_s=0, memory=False)
-    plan = bench.plan_model("scarlet_a", cfg)
-    monkeypatch.setattr(bench, "make_runner", lambda *a, **k: _SmallProfileRunner())
+    plan = bplan.plan_model("scarlet_a", cfg)
+    monkeypatch.setattr(brun, "open_runner", lambda *a, **k: _SmallProfileRunner())
     with tqdm(disable=True) as bar:
-        rows, entry = bench.bench_model(plan, None, cfg, bar)
+        rows, entry = brun.bench_model(plan, None, cfg, bar)
     assert [(r["backend"], r["batch"]) for r in rows] == [("ort", 1)]
     assert entry["skipped"]["ort"].startswith("batch 2: batch 2 is outside")
 
 
 def test_accuracy_comes_from_a_calib_report_of_the_same_onnx_only(tiny_build, tmp_path):
-    from export.artifacts import sha256_file
+    from scarlet_deploy.runtime.core.artifacts import sha256_file
 
     int8 = tiny_build / "scarlet_a.int8.onnx"
-    plan = bench.ModelPlan("scarlet_a", tiny_build / "scarlet_a.onnx", 16, {"ort-int8": bench.Artifact("ort-int8", int8, 0)}, {})
+    plan = bplan.ModelPlan("scarlet_a", tiny_build / "scarlet_a.onnx", 16, {"ort-int8": bplan.Artifact("ort-int8", int8, 0)}, {})
     report = {"source_onnx_sha256": sha256_file(plan.onnx), "fp32": {"top1": 76.0},
               "targets": [{"target": "ort", "output": str(int8), "int8": {"top1": 75.5}},
                           {"target": "trt", "output": "x.int8-trt.onnx", "int8": {"top1": 70.0}}]}
     (tmp_path / "calib-scarlet_a.json").write_text(json.dumps(report))
-    assert bench.known_accuracy(plan, tmp_path) == {"ort": 76.0, "ort-int8": 75.5}
+    assert brun.known_accuracy(plan, tmp_path) == {"ort": 76.0, "ort-int8": 75.5}
     report["source_onnx_sha256"] = "0" * 64  # made from another export: ignored
     (tmp_path / "calib-scarlet_a.json").write_text(json.dumps(report))
-    assert bench.known_accuracy(plan, tmp_path) == {}
+    assert brun.known_accuracy(plan, tmp_path) == {}
 
 
 def test_failed_calibration_is_a_stated_skip(tiny_build, monkeypatch):
     def fail(model, cfg):
         raise ScarletError("no images to calibrate with")
 
-    monkeypatch.setattr(bench, "calibrate_int8", fail)
-    cfg = bench.BenchConfig(models=["scarlet_a"], backends=["ort", "ort-int8"], build_dir=tiny_build, calibrate=True)
-    plan = bench.plan_model("scarlet_a", cfg)
+    monkeypatch.setattr(bplan, "calibrate_int8", fail)
+    cfg = bplan.BenchConfig(models=["scarlet_a"], backends=["ort", "ort-int8"], build_dir=tiny_build, calibrate=True)
+    plan = bplan.plan_model("scarlet_a", cfg)
     assert list(plan.artifacts) == ["ort"]
     assert plan.skipped == {"ort-int8": "calibration failed: no images to calibrate with"}
 
 
 def test_readme_section_is_replaced_between_markers_only(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{bench.README_BEGIN}\nold table\n{bench.README_END}\nafter\n")
-    bench.update_readme(readme, "## Performance\n| a |\n")
-    assert readme.read_text() == f"# x\n{bench.README_BEGIN}\n## Performance\n| a |\n{bench.README_END}\nafter\n"
+    readme.write_text(f"# x\n{breadme.README_BEGIN}\nold table\n{breadme.README_END}\nafter\n")
+    breadme.update_readme(readme, "## Performance\n| a |\n")
+    assert readme.read_text() == f"# x\n{breadme.README_BEGIN}\n## Performance\n| a |\n{breadme.README_END}\nafter\n"
     readme.write_text("# no markers\n")
     with pytest.raises(ScarletError, match="no performance section"):
-        bench.update_readme(readme, "t")
+        breadme.update_readme(readme, "t")
     assert readme.read_text() == "# no markers\n"
 
 
 def test_engine_names_must_say_model_and_precision(tmp_path):
     plan = tmp_path / "scarlet_a.fp16.plan"
     plan.write_bytes(b"x")
-    cfg = bench.BenchConfig(models=["scarlet_a"], engines=[plan])
-    assert bench._engine_for("scarlet_a", "fp16", cfg) == plan
-    assert bench._engine_for("scarlet_a", "int8", cfg) == cfg.build_dir / "scarlet_a.int8.plan"
+    cfg = bplan.BenchConfig(models=["scarlet_a"], engines=[plan])
+    assert bplan._engine_for("scarlet_a", "fp16", cfg) == plan
+    assert bplan._engine_for("scarlet_a", "int8", cfg) == cfg.build_dir / "scarlet_a.int8.plan"
     for bad in ("engine.plan", "scarlet_a.bf16.plan", "resnet.fp16.plan"):
         (tmp_path / bad).write_bytes(b"x")
         with pytest.raises(ScarletError, match="name it"):
-            bench.BenchConfig(models=["scarlet_a"], engines=[tmp_path / bad])
+            bplan.BenchConfig(models=["scarlet_a"], engines=[tmp_path / bad])
     with pytest.raises(ScarletError, match="does not exist"):
-        bench.BenchConfig(models=["scarlet_a"], engines=[tmp_path / "scarlet_a.int8.plan"])
+        bplan.BenchConfig(models=["scarlet_a"], engines=[tmp_path / "scarlet_a.int8.plan"])
 
 
 @pytest.mark.slow
@@ -371,43 +373,43 @@ def test_skips_with_one_reason_are_one_line():
         "scarlet_a": {"skipped": {"ort-int8": "no INT8 a", "trt-fp32": "no TensorRT", "trt-fp16": "no TensorRT"}},
         "scarlet_b": {"skipped": {"trt-fp32": "no TensorRT", "trt-fp16": "no TensorRT"}},
     }}
-    assert bench.skipped_lines(data) == ["- ORT INT8 (scarlet_a): no INT8 a.",
+    assert breport.skipped_lines(data) == ["- ORT INT8 (scarlet_a): no INT8 a.",
                                          "- TensorRT FP32, TensorRT FP16 (scarlet_a, scarlet_b): no TensorRT."]
 
 
 def test_accuracy_from_verify_rows_matched_by_file(tiny_build, tmp_path):
     onnx_path = tiny_build / "scarlet_a.onnx"
-    plan = bench.ModelPlan("scarlet_a", onnx_path, 16, {"torch": bench.Artifact("torch", None, 0),
-                                                        "ort": bench.Artifact("ort", onnx_path, 0)}, {})
+    plan = bplan.ModelPlan("scarlet_a", onnx_path, 16, {"torch": bplan.Artifact("torch", None, 0),
+                                                        "ort": bplan.Artifact("ort", onnx_path, 0)}, {})
     verify = {"reference": {"name": "pytorch", "top1": 0.88},
               "backends": [{"name": "onnxruntime", "path": f"/elsewhere/{onnx_path.name}", "top1": 0.875},
                            {"name": "tensorrt", "path": "build/scarlet_a.fp16.plan", "top1": 0.5}]}
     (tmp_path / "verify-scarlet_a.json").write_text(json.dumps(verify))
-    assert bench.known_accuracy(plan, tmp_path) == pytest.approx({"torch": 88.0, "ort": 87.5})
+    assert brun.known_accuracy(plan, tmp_path) == pytest.approx({"torch": 88.0, "ort": 87.5})
 
 
 def test_machine_load_counts_other_processes_and_steal_and_warns(tmp_path):
     hz = os.sysconf("SC_CLK_TCK")
     stat = tmp_path / "stat"
 
-    def sample(user_s: float, steal_s: float, own_s: float) -> bench.CpuTimes:
+    def sample(user_s: float, steal_s: float, own_s: float) -> host.CpuTimes:
         stat.write_text(f"cpu  {user_s * hz:.0f} 0 0 1000 0 0 0 {steal_s * hz:.0f} 0 0\ncpu0 1 2 3\n")
-        t = bench.CpuTimes.now(str(stat))
-        return bench.CpuTimes(t.busy, t.steal, own_s)
+        t = host.CpuTimes.now(str(stat))
+        return host.CpuTimes(t.busy, t.steal, own_s)
 
     start, end = sample(100, 1, 10), sample(120, 1.5, 28)  # 20 CPU-s busy, 18 of them ours, over 10 s x 2 CPUs
-    load = bench.machine_load(start, end, wall_s=10, cpus=2)
+    load = host.machine_load(start, end, wall_s=10, cpus=2)
     assert load == pytest.approx({"other_processes_pct": 10.0, "steal_pct": 2.5})
-    assert "10.0 %" in bench.load_text(load) and "suspect" in bench.load_text(load)
-    quiet = bench.machine_load(start, sample(118, 1, 28), wall_s=10, cpus=2)
-    assert quiet["other_processes_pct"] == 0 and "suspect" not in bench.load_text(quiet)
-    assert bench.CpuTimes.now(str(tmp_path / "missing")) is None and bench.machine_load(None, end, 10, 2) is None
-    assert "not measured" in bench.load_text(None)
-    assert bench.CpuTimes.now() is not None, "this test runs on Linux"
+    assert "10.0 %" in host.load_text(load) and "suspect" in host.load_text(load)
+    quiet = host.machine_load(start, sample(118, 1, 28), wall_s=10, cpus=2)
+    assert quiet["other_processes_pct"] == 0 and "suspect" not in host.load_text(quiet)
+    assert host.CpuTimes.now(str(tmp_path / "missing")) is None and host.machine_load(None, end, 10, 2) is None
+    assert "not measured" in host.load_text(None)
+    assert host.CpuTimes.now() is not None, "this test runs on Linux"
 
 
 def test_profile_groups_kernel_time_by_operator_type(tiny_build, tmp_path, capsys):
-    from runtime import cli, profile
+    from scarlet_deploy.runtime import cli, profile
 
     ops = profile.profile(tiny_build / "scarlet_a.onnx", batch=2, runs=3, options=OrtOptions(threads=1))
     assert sum(o.share_pct for o in ops) == pytest.approx(100.0)

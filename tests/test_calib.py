@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calib import cache, images, qdq, ranges, stats
-from export.errors import ScarletError
+from scarlet_deploy.calib import cache, images, qdq, ranges, stats
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 
 def _tiny_onnx(path: Path) -> Path:
@@ -277,7 +277,7 @@ def test_split_is_seeded_spread_and_disjoint(tmp_path):
 def test_flat_ilsvrc_images_keep_their_labels_and_any_folder_calibrates(val_dir, tmp_path):
     import os
 
-    from runtime.classes import wnid_to_index
+    from scarlet_deploy.runtime.data.classes import wnid_to_index
 
     sources = [next(iter(sorted(d.iterdir()))) for d in sorted(val_dir.iterdir())[:6]]
     flat, rows = tmp_path / "val", []
@@ -302,7 +302,7 @@ def test_missing_image_dir_is_a_clear_error(tmp_path):
 
 
 def _cfg(onnx: Path, val_dir: Path, out: Path, **kw):
-    from calib.pipeline import CalibConfig
+    from scarlet_deploy.calib.pipeline import CalibConfig
 
     base = dict(onnx=onnx, images=val_dir, output=out, num_images=8, num_eval=8, compare_methods=False, threads=1)
     return CalibConfig(**{**base, **kw})
@@ -312,8 +312,8 @@ def _cfg(onnx: Path, val_dir: Path, out: Path, **kw):
 def test_calibration_is_reproducible_and_a_foreign_cache_is_refused(lite0_onnx, tiny, val_dir, tmp_path):
     import json
 
-    from calib.pipeline import calibrate
-    from export.artifacts import write_manifest
+    from scarlet_deploy.calib.pipeline import calibrate
+    from scarlet_deploy.runtime.core.artifacts import write_manifest
 
     runs = []
     for i in range(2):
@@ -339,7 +339,7 @@ def test_calibration_is_reproducible_and_a_foreign_cache_is_refused(lite0_onnx, 
 
 
 def test_mixed_precision_keeps_the_fewest_layers_that_meet_the_budget():
-    from calib import evaluate, search
+    from scarlet_deploy.calib import evaluate, search
 
     order = [f"conv{i}" for i in range(20)]
     calls = []
@@ -364,7 +364,7 @@ def test_mixed_precision_keeps_the_fewest_layers_that_meet_the_budget():
 
 
 def test_auto_method_prefers_full_int8_within_budget_then_lowest_error():
-    from calib.pipeline import choose_method
+    from scarlet_deploy.calib.pipeline import choose_method
 
     def acc(top1, agreement, rmse):
         return {"images": 300, "top1": top1, "top5": 97.0, "agreement": agreement, "logits_rmse": rmse}
@@ -378,7 +378,7 @@ def test_auto_method_prefers_full_int8_within_budget_then_lowest_error():
 
 
 def test_pruning_sends_costly_layers_back_to_int8_only_where_the_budget_holds():
-    from calib import evaluate, search
+    from scarlet_deploy.calib import evaluate, search
 
     order = [f"conv{i}" for i in range(20)]
     useless = {"conv1", "conv3"}  # ranked sensitive, but float there does not help top-1
@@ -396,7 +396,7 @@ def test_pruning_sends_costly_layers_back_to_int8_only_where_the_budget_holds():
 
 
 def test_layer_costs_count_the_activations_a_float_layer_converts(tiny):
-    from calib import search
+    from scarlet_deploy.calib import search
 
     path, _ = tiny
     costs = search.layer_costs(path, qdq.layers(path, qdq.get_target("ort")))

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from export.checkpoint import identify, load_model
-from export.errors import ScarletError
-from export.registry import get_spec
-from runtime.cli import main
+from scarlet_deploy.export.checkpoint import identify, load_model
+from scarlet_deploy.export.registry import get_spec
+from scarlet_deploy.runtime.cli import main
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.errors import ScarletError
-from export.registry import get_spec
-from runtime import dataset as D
-from runtime.classes import wnid_to_index
+from scarlet_deploy.export.registry import get_spec
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.data import dataset as D
+from scarlet_deploy.runtime.data.classes import wnid_to_index
 
 P = get_spec("efficientnet_lite0").preprocess
 

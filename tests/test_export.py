@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from export.errors import ScarletError
-from export.fold import fold
-from export.fuse import fuse_hard_activations, op_histogram
-from export.onnx_export import ExportConfig, export_model, to_onnx
-from export.scarlet import LET
-from runtime.backends import OrtRunner
+from scarlet_deploy.export.fold import fold
+from scarlet_deploy.export.fuse import fuse_hard_activations, op_histogram
+from scarlet_deploy.export.onnx_export import ExportConfig, export_model, to_onnx
+from scarlet_deploy.export.scarlet import LET
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.runners.ort import OrtRunner
 
 VARIANTS = [(n, let) for n in ("scarlet_a", "scarlet_b", "scarlet_c") for let in (False, True) if not (n == "scarlet_a" and let)]
 
@@ -77,7 +77,7 @@ def test_ill_conditioned_let_is_kept_as_a_conv(loaded_model, eval_batch):
 
 
 def test_hard_activations_are_fused_and_equal():
-    from export.layers import HSigmoid, HSwish
+    from scarlet_deploy.export.layers import HSigmoid, HSwish
 
     class Tiny(nn.Module):
         def __init__(self):
@@ -111,7 +111,7 @@ def test_export_is_deterministic(tmp_path, loaded_model):
 
 
 def test_failed_export_leaves_nothing(tmp_path, loaded_model, monkeypatch):
-    import export.onnx_export as ex
+    import scarlet_deploy.export.onnx_export as ex
 
     real = ex.measure_parity
 

@@ -4,13 +4,22 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from export.artifacts import read_manifest
-from export.errors import ScarletError
-from export.fp16 import (FLOAT, FLOAT16, Fp16Config, check_fp16_model, convert_to_fp16, fp16_path, logit_agreement,
-                         ort_parity, type_summary)
-from export.registry import get_spec
-from runtime.images import fixed_images
-from runtime.preprocess import load_batch
+from scarlet_deploy.export.fp16 import (
+    FLOAT,
+    FLOAT16,
+    Fp16Config,
+    check_fp16_model,
+    convert_to_fp16,
+    fp16_path,
+    logit_agreement,
+    ort_parity,
+    type_summary,
+)
+from scarlet_deploy.export.registry import get_spec
+from scarlet_deploy.runtime.core.artifacts import read_manifest
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.data.images import fixed_images
+from scarlet_deploy.runtime.data.preprocess import load_batch
 
 PARITY_IMAGES = 16
 

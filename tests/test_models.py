@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from export.registry import MODELS, get_spec
-from export.scarlet import LET, SCARLET_TABLES
+from scarlet_deploy.export.registry import MODELS, get_spec
+from scarlet_deploy.export.scarlet import LET, SCARLET_TABLES
 
 # Parameter counts published with SCARLET-NAS (6.7M / 6.5M / 6.0M) and EfficientNet-Lite0 (4.7M).
 PUBLISHED_PARAMS_M = {"scarlet_a": 6.7, "scarlet_b": 6.5, "scarlet_c": 6.0, "efficientnet_lite0": 4.7}

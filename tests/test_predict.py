@@ -2,8 +2,8 @@
 import pytest
 from PIL import Image
 
-from runtime.cli import main
-from runtime.predict import predict
+from scarlet_deploy.runtime.cli import main
+from scarlet_deploy.runtime.predict import predict
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,29 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.artifacts import sha256_file, write_manifest
-from export.errors import ScarletError
-from export.fp16 import type_summary
-from runtime import cli
-from runtime.tensorrt import (PLAN_KIND, BatchProfile, EngineConfig, RuntimeInfo, TrtRunner, check_plan,
-                              check_precision, int8_onnx_path, plan_compatibility, read_timing_cache, require_gpu,
-                              stale_reasons, timing_cache_path, validate)
+from scarlet_deploy.export.fp16 import type_summary
+from scarlet_deploy.export.trt_build import (
+    BatchProfile,
+    EngineConfig,
+    check_precision,
+    int8_onnx_path,
+    read_timing_cache,
+    rebuild_if_stale,
+    stale_reasons,
+    timing_cache_path,
+    validate,
+)
+from scarlet_deploy.runtime import cli
+from scarlet_deploy.runtime.core.artifacts import sha256_file, write_manifest
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.runners.trt import (
+    PLAN_KIND,
+    RuntimeInfo,
+    TrtRunner,
+    check_plan,
+    plan_compatibility,
+    require_gpu,
+)
 
 HERE = RuntimeInfo("11.4.0.106", "NVIDIA H100 80GB HBM3", "9.0")
 
@@ -146,7 +162,7 @@ def _qdq_model() -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def summaries(lite0_onnx, tmp_path_factory):
-    from export.fp16 import Fp16Config, convert_to_fp16
+    from scarlet_deploy.export.fp16 import Fp16Config, convert_to_fp16
 
     fp16 = convert_to_fp16(Fp16Config(lite0_onnx, output=tmp_path_factory.mktemp("fp16") / "m.fp16.onnx", parity_images=0))
     return {"fp32": type_summary(onnx.load(str(lite0_onnx))),
@@ -214,7 +230,7 @@ def test_runner_without_gpu_names_what_is_missing(tmp_path):
 
 
 def test_gpu_check_stops_at_once_without_gpu(tmp_path, capsys):
-    from runtime import gpu_check
+    from scarlet_deploy.runtime import gpu_check
 
     if _gpu_missing() is None:
         pytest.skip("TensorRT and a GPU are present")
@@ -235,12 +251,12 @@ def gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision, top1, rel", [("fp32", 1.0, 1e-3), ("fp16", 15 / 16, 3e-2)])
 def test_engine_builds_runs_and_matches_onnxruntime(gpu, lite0_onnx, tmp_path, precision, top1, rel):
-    from export.fp16 import logit_agreement
-    from export.registry import get_spec
-    from runtime.backends import OrtRunner
-    from runtime.images import fixed_images
-    from runtime.preprocess import load_batch
-    from runtime.tensorrt import build_engine
+    from scarlet_deploy.export.fp16 import logit_agreement
+    from scarlet_deploy.export.registry import get_spec
+    from scarlet_deploy.export.trt_build import build_engine
+    from scarlet_deploy.runtime.data.images import fixed_images
+    from scarlet_deploy.runtime.data.preprocess import load_batch
+    from scarlet_deploy.runtime.runners.ort import OrtRunner
 
     plan = tmp_path / f"m.{precision}.plan"
     cfg = EngineConfig(lite0_onnx, precision, plan, batch=BatchProfile(1, 4, 8), timing_cache=tmp_path / "t.cache")
@@ -266,19 +282,20 @@ def test_engine_builds_runs_and_matches_onnxruntime(gpu, lite0_onnx, tmp_path, p
 
 @pytest.mark.gpu
 def test_runner_refuses_a_plan_from_another_tensorrt(gpu, lite0_onnx, tmp_path):
-    from runtime.tensorrt import build_engine
+    from scarlet_deploy.export.trt_build import build_engine
 
     plan = tmp_path / "m.fp32.plan"
     r = build_engine(EngineConfig(lite0_onnx, "fp32", plan, batch=BatchProfile(1, 1, 2)))
     write_manifest(plan, r.manifest | {"tensorrt": "11.0.0.0"})
     with pytest.raises(ScarletError, match="built with TensorRT 11.0.0.0"):
         TrtRunner(plan).load()
-    with TrtRunner(plan, rebuild=True) as runner:  # rebuilt on request
+    assert rebuild_if_stale(plan)["tensorrt"] != "11.0.0.0"  # rebuilt on request
+    with TrtRunner(plan) as runner:
         assert runner.manifest["tensorrt"] != "11.0.0.0"
 
 
 def test_gpu_check_images_labels_and_markdown(val_dir):
-    from runtime import gpu_check
+    from scarlet_deploy.runtime import gpu_check
 
     files, labels = gpu_check._images(val_dir, 10)
     assert len(files) == 10 and labels is not None and labels.shape == (10,)

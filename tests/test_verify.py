@@ -11,10 +11,14 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from export.artifacts import manifest_path
-from export.errors import ScarletError
-from runtime import verify as V
-from runtime.cli import main
+from scarlet_deploy.runtime.cli import main
+from scarlet_deploy.runtime.core.artifacts import manifest_path
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.verify import compare as vcmp
+from scarlet_deploy.runtime.verify import config as vcfg
+from scarlet_deploy.runtime.verify import discover as vdisc
+from scarlet_deploy.runtime.verify import report as vrep
+from scarlet_deploy.runtime.verify import run as vrun
 
 LITE0 = "efficientnet_lite0"
 
@@ -47,8 +51,8 @@ def small_folder(tmp_path_factory, val_dir) -> Path:
 @pytest.mark.slow
 def test_fp32_onnx_matches_pytorch_and_a_changed_weight_fails(tmp_path, small_folder, lite0_onnx, loaded_model):
     bad = _perturbed(lite0_onnx, tmp_path / "lite0.bias.onnx", "_fc.bias", (417,), 1000.0)  # class 417 always wins
-    cfg = V.VerifyConfig(LITE0, onnx=[lite0_onnx, bad], val_dir=small_folder, workers=0, progress=False)
-    r = V.verify(cfg, loaded_model(LITE0))
+    cfg = vcfg.VerifyConfig(LITE0, onnx=[lite0_onnx, bad], val_dir=small_folder, workers=0, progress=False)
+    r = vrun.verify(cfg, loaded_model(LITE0))
     good, broken = r.backends
     assert good["passed"] and good["precision"] == "fp32"
     assert good["top1_agreement"] == 1.0 and good["top5_overlap"] == 1.0 and not good["disagreements"]
@@ -64,7 +68,7 @@ def test_fp32_onnx_matches_pytorch_and_a_changed_weight_fails(tmp_path, small_fo
     assert [Path(s["path"]).name for s in r.skipped] == ["corrupt.JPEG"]
     assert r.pipeline and r.pipeline["name"] == lite0_onnx.name and r.pipeline["gated"] is False
     assert r.pipeline["top1_agreement"] >= 0.8  # OpenCV vs PIL resizing moves logits, rarely the class
-    md = V.render_markdown(r)
+    md = vrep.render_markdown(r)
     assert "FAIL" in md and "corrupt.JPEG" in md and "Pipeline parity" in md
 
 
@@ -86,9 +90,9 @@ def test_cli_exits_nonzero_on_a_small_logit_error(tmp_path, val_dir, lite0_onnx)
 
 @pytest.mark.slow
 def test_seeded_scarlet_passes(val_dir, scarlet_onnx, loaded_model):
-    cfg = V.VerifyConfig("scarlet_a", onnx=[scarlet_onnx("scarlet_a")], val_dir=val_dir, limit=16, workers=0,
+    cfg = vcfg.VerifyConfig("scarlet_a", onnx=[scarlet_onnx("scarlet_a")], val_dir=val_dir, limit=16, workers=0,
                          pipeline_parity=False, progress=False)
-    r = V.verify(cfg, loaded_model("scarlet_a"))
+    r = vrun.verify(cfg, loaded_model("scarlet_a"))
     b = r.backends[0]
     assert r.passed and r.model["pretrained"] is False and r.pipeline is None
     assert b["top1_agreement"] == 1.0 and b["max_rel_error"] < 1e-3 and b["images"] == 16
@@ -97,7 +101,7 @@ def test_seeded_scarlet_passes(val_dir, scarlet_onnx, loaded_model):
 @pytest.mark.slow
 def test_cli_on_sample_photos_passes_without_labels(tmp_path, monkeypatch, lite0_onnx, capsys):
     # No --val-dir and no shared sample: the photos installed packages ship, without labels.
-    monkeypatch.setattr("runtime.dataset.default_val_dir", lambda: None)
+    monkeypatch.setattr("scarlet_deploy.runtime.data.dataset.default_val_dir", lambda: None)
     js = tmp_path / "r.json"
     rc = main(["verify", "--model", LITE0, "--onnx", str(lite0_onnx), "--workers", "0", "--quiet", "--json", str(js)])
     out = capsys.readouterr().out
@@ -110,25 +114,25 @@ def test_cli_on_sample_photos_passes_without_labels(tmp_path, monkeypatch, lite0
 
 
 def test_backend_from_other_weights_or_model_is_refused(tmp_path):
-    def art(name: str, manifest: dict) -> V.Backend:
+    def art(name: str, manifest: dict) -> vdisc.Backend:
         (tmp_path / name).write_bytes(b"")
         manifest_path(tmp_path / name).write_text(json.dumps(manifest))
-        return V.describe_backend(tmp_path / name)
+        return vdisc.describe_backend(tmp_path / name)
 
     fp32 = art("lite0.onnx", {"model": LITE0, "let": False, "checkpoint_sha256": "a" * 64, "precision": "fp32"})
-    V.check_weights(fp32, LITE0, False, "a" * 64)
+    vdisc.check_weights(fp32, LITE0, False, "a" * 64)
     with pytest.raises(ScarletError, match="other weights"):
-        V.check_weights(fp32, LITE0, False, "b" * 64)
+        vdisc.check_weights(fp32, LITE0, False, "b" * 64)
     with pytest.raises(ScarletError, match="not scarlet_a"):
-        V.check_weights(fp32, "scarlet_a", False, "a" * 64)
+        vdisc.check_weights(fp32, "scarlet_a", False, "a" * 64)
     # An INT8 model is judged by the export it was quantised from.
     int8 = art("lite0.int8.onnx", {"model": LITE0, "precision": "int8", "source_onnx": str(tmp_path / "lite0.onnx")})
     assert int8.precision == "int8"
     with pytest.raises(ScarletError, match="other weights"):
-        V.check_weights(int8, LITE0, False, "b" * 64)
+        vdisc.check_weights(int8, LITE0, False, "b" * 64)
     let = art("a-let.onnx", {"model": "scarlet_a", "let": True, "checkpoint_sha256": "s", "precision": "fp32"})
     with pytest.raises(ScarletError, match="--let"):
-        V.check_weights(let, "scarlet_a", False, "s")
+        vdisc.check_weights(let, "scarlet_a", False, "s")
 
 
 def _tiny(path: Path, ops: list, inits: list) -> Path:
@@ -143,19 +147,19 @@ def test_precision_from_manifest_or_graph(tmp_path):
     z = numpy_helper.from_array(np.array(0, np.int8), "z")
     qdq = _tiny(tmp_path / "q.onnx", [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
                                       helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], [s, z])
-    assert V.detect_precision(qdq, None) == "int8"
+    assert vdisc.detect_precision(qdq, None) == "int8"
     h = numpy_helper.from_array(np.ones(1, np.float16), "h")
     fp16 = _tiny(tmp_path / "h.onnx", [helper.make_node("Cast", ["h"], ["hc"], to=1),
                                        helper.make_node("Add", ["x", "hc"], ["y"])], [h])
-    assert V.detect_precision(fp16, None) == "fp16"
+    assert vdisc.detect_precision(fp16, None) == "fp16"
     plain = _tiny(tmp_path / "p.onnx", [helper.make_node("Identity", ["x"], ["y"])], [])
-    assert V.detect_precision(plain, None) == "fp32"
-    assert V.detect_precision(plain, {"precision": "int8"}) == "int8"
-    assert V.detect_precision(plain, {"kind": "onnx-fp16"}) == "fp16"
+    assert vdisc.detect_precision(plain, None) == "fp32"
+    assert vdisc.detect_precision(plain, {"precision": "int8"}) == "int8"
+    assert vdisc.detect_precision(plain, {"kind": "onnx-fp16"}) == "fp16"
 
 
 def test_thresholds_per_precision():
-    t = V.Thresholds()
+    t = vcmp.Thresholds()
     assert t.check("fp32", 1.0, 5e-4)[0] and not t.check("fp32", 1.0, 2e-3)[0] and not t.check("fp32", 0.998, 0)[0]
     assert t.check("int8", 0.96, 0.5)[0] and not t.check("int8", 0.94, 0)[0]
     assert t.check("fp16", 0.995, 0.5)[0] and not t.check("fp16", 0.98, 0)[0]
@@ -175,15 +179,15 @@ def test_auto_onnx_finds_this_models_artifacts_only(tmp_path):
     art("scarlet_a.int8-trt.onnx", {"model": "scarlet_a", "precision": "int8", "target": "trt"})
     art("scarlet_a.scratch.onnx", None)  # no manifest: not ours to judge
     art("scarlet_b.onnx", {**fp32, "model": "scarlet_b"})
-    found, for_tensorrt = V.discover_onnx(tmp_path, "scarlet_a", False)
+    found, for_tensorrt = vdisc.discover_onnx(tmp_path, "scarlet_a", False)
     assert [p.name for p in found] == ["scarlet_a.fp16.onnx", "scarlet_a.int8.onnx", "scarlet_a.onnx"]
     assert [p.name for p in for_tensorrt] == ["scarlet_a.int8-trt.onnx"]
-    assert [p.name for p in V.discover_onnx(tmp_path, "scarlet_a", True)[0]] == ["scarlet_a-let.onnx"]
+    assert [p.name for p in vdisc.discover_onnx(tmp_path, "scarlet_a", True)[0]] == ["scarlet_a-let.onnx"]
 
 
 def test_nothing_to_verify_is_a_clear_error():
     with pytest.raises(ScarletError, match="nothing to verify"):
-        V.resolve_backends(V.VerifyConfig(LITE0), loaded=None)
+        vdisc.resolve_backends(vcfg.VerifyConfig(LITE0), loaded=None)
 
 
 def test_engine_that_cannot_run_here_is_a_clear_error(tmp_path, loaded_model):
@@ -191,12 +195,12 @@ def test_engine_that_cannot_run_here_is_a_clear_error(tmp_path, loaded_model):
     plan.write_bytes(b"not a plan")
     # No GPU/TensorRT: the runner says what to install; with them: the plan has no manifest. Either is clear.
     with pytest.raises(ScarletError):
-        V.verify(V.VerifyConfig(LITE0, engines=[plan], limit=1, workers=0, progress=False), loaded_model(LITE0))
+        vrun.verify(vcfg.VerifyConfig(LITE0, engines=[plan], limit=1, workers=0, progress=False), loaded_model(LITE0))
 
 
 def test_int8_calibrated_on_the_same_folder_is_flagged(tmp_path):
-    b = V.Backend("m.int8.onnx", "ort", tmp_path / "m.int8.onnx", "int8",
+    b = vdisc.Backend("m.int8.onnx", "ort", tmp_path / "m.int8.onnx", "int8",
                   {"precision": "int8", "calibration_images": {"count": 128, "dir": str(tmp_path / "val")}})
     (tmp_path / "val").mkdir()
-    assert "overlaps its calibration set" in V.calibration_overlap([b], tmp_path / "val")[0]
-    assert V.calibration_overlap([b], tmp_path) == []
+    assert "overlaps its calibration set" in vdisc.calibration_overlap([b], tmp_path / "val")[0]
+    assert vdisc.calibration_overlap([b], tmp_path) == []

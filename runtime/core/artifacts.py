@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ScarletError
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 TOOLS = ("torch", "onnx", "onnxsim", "onnxruntime", "numpy", "opencv-python-headless", "tensorrt")
 

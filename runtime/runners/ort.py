@@ -3,28 +3,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from typing import Any
 
-from export.errors import ScarletError
+import numpy as np
 
-
-@lru_cache(maxsize=1)
-def physical_cores() -> int:
-    """Physical cores (hyper-threads share execution units, so ORT gains nothing from them)."""
-    try:
-        pairs, phys, core = set(), None, None
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                    pairs.add((phys, core))
-        if pairs:
-            return min(len(pairs), len(os.sched_getaffinity(0)))
-    except OSError:
-        pass
-    return os.cpu_count() or 1
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.host import physical_cores
+from scarlet_deploy.runtime.runners.base import Runner
 
 
 @dataclass(frozen=True)
@@ -61,3 +46,32 @@ def make_session(path: str | os.PathLike, options: OrtOptions = OrtOptions(), pr
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ScarletError(f"onnxruntime cannot load {path}: {e}. Re-export it; the file may be truncated.") from e
+
+
+class OrtRunner(Runner):
+    kind = "ort"
+
+    def __init__(self, path: str | os.PathLike, name: str | None = None, options: OrtOptions = OrtOptions()):
+        self.path = str(path)
+        self.name = name or os.path.basename(self.path)
+        self.options = options
+        self.session = None
+
+    def load(self) -> "OrtRunner":
+        if self.session is None:
+            self.session = make_session(self.path, self.options)
+            self.input_name = self.session.get_inputs()[0].name
+        return self
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        if self.session is None:
+            self.load()
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
+
+    def close(self) -> None:
+        self.session = None
+
+    def describe(self) -> dict[str, Any]:
+        from scarlet_deploy.runtime.core.artifacts import read_manifest
+
+        return {"name": self.name, "kind": self.kind, "path": self.path, "manifest": read_manifest(self.path)}

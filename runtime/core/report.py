@@ -6,7 +6,7 @@ import os
 import platform
 from typing import Any, Iterable, Sequence
 
-from export.artifacts import tool_versions, write_bytes_atomic, write_json_atomic
+from scarlet_deploy.runtime.core.artifacts import tool_versions, write_bytes_atomic, write_json_atomic
 
 
 def fmt(v: Any, digits: int = 4) -> str:

@@ -1,4 +1,4 @@
-"""The two preprocessing pipelines, both driven by a model's registry `Preprocess`.
+"""A model's data config (`Preprocess`) and the two preprocessing pipelines it drives.
 
 - `reference`: the SCARLET-NAS evaluation transform (PIL, torchvision's Resize/CenterCrop
   arithmetic), re-implemented so that torchvision is not a dependency. PyTorch parity is
@@ -9,12 +9,27 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from export.errors import ScarletError
-from export.registry import Preprocess
+from scarlet_deploy.runtime.core.errors import ScarletError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Shorter side to `resize` (bilinear), centre crop `crop`, RGB, /255, (x-mean)/std."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 class UnreadableImage(ScarletError):

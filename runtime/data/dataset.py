@@ -26,11 +26,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from export.errors import ScarletError
-from export.registry import Preprocess
-
-from .classes import wnid_to_index
-from .images import IMAGE_SUFFIXES, default_val_dir
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.data.classes import wnid_to_index
+from scarlet_deploy.runtime.data.images import IMAGE_SUFFIXES, default_val_dir
+from scarlet_deploy.runtime.data.preprocess import Preprocess
 
 FLAT_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})$")
 WNID_NAME = re.compile(r"^n\d{8}$")
@@ -265,7 +264,7 @@ def _worker_init() -> None:
 
 
 def _decode(paths: Sequence[Path], p: Preprocess, pipelines: Sequence[str]) -> list[tuple[dict | None, str | None]]:
-    from .preprocess import PIPELINES
+    from scarlet_deploy.runtime.data.preprocess import PIPELINES
 
     out = []
     for path in paths:
@@ -281,7 +280,7 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     # inside OpenCV. The fork server starts clean once per process (importing the preprocessing
     # modules once), and forks each worker from itself in milliseconds.
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["runtime.preprocess", "cv2", "PIL.Image"])
+    ctx.set_forkserver_preload(["scarlet_deploy.runtime.data.preprocess", "cv2", "PIL.Image"])
     return ctx
 
 

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scarlet_deploy.runtime.bench.plan import BACKENDS, BenchConfig
+from scarlet_deploy.runtime.bench.plot import plot
+from scarlet_deploy.runtime.bench.readme import README_BEGIN, README_END, update_readme
+from scarlet_deploy.runtime.bench.report import render_markdown
+from scarlet_deploy.runtime.bench.run import run_bench
+from scarlet_deploy.runtime.core.errors import ScarletError
+
+
+def _csv(kind: type):
+    def parse(text: str) -> list:
+        try:
+            return [kind(t.strip()) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise ScarletError(f"cannot parse {text!r} as a comma-separated list of {kind.__name__}.") from None
+
+    return parse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="measure every backend side by side; write the README's performance table")
+    p.add_argument("--models", type=_csv(str), default=BenchConfig().models)
+    p.add_argument("--backends", type=_csv(str), default=list(BACKENDS),
+                   help="subset of " + ",".join(BACKENDS) + " (unavailable ones are skipped with a reason)")
+    p.add_argument("--batch", type=_csv(int), default=[1, 8], help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and onnxruntime (default: physical cores)")
+    p.add_argument("--build-dir", type=Path, default=Path("build"))
+    p.add_argument("--engine", type=Path, nargs="+", action="extend", default=[],
+                   help="TensorRT plans named <model>.<fp32|fp16|int8>.plan (default: looked for in --build-dir)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per measurement")
+    p.add_argument("--seconds", type=float, default=1.0, help="time per backend per round")
+    p.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per backend (not recorded)")
+    p.add_argument("--tune", action="store_true", help="try a small onnxruntime settings grid first; use the winner")
+    p.add_argument("--calibrate-missing", action="store_true",
+                   help="create a missing build/<model>.int8.onnx as `make calib` does (minutes per model)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure peak memory per backend in a subprocess")
+    p.add_argument("--channels-last", action="store_true", help="run the PyTorch baseline in channels_last")
+    p.add_argument("--reports-dir", type=Path, default=Path("reports"), help="where verify-<model>.json are read from")
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    p.add_argument("--plot")
+    p.add_argument("--readme", type=Path, default=None,
+                   help=f"also replace the section between {README_BEGIN} and {README_END} in this file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    cfg = BenchConfig(models=args.models, backends=args.backends, batches=args.batch, threads=args.threads,
+                      build_dir=args.build_dir, engines=args.engine, repeats=args.repeats, seconds=args.seconds,
+                      warmup_s=args.warmup, memory=args.memory, tune=args.tune, calibrate=args.calibrate_missing,
+                      torch_channels_last=args.channels_last,
+                      reports_dir=args.reports_dir)
+    from scarlet_deploy.runtime.core.report import write_reports
+
+    data = {"command": " ".join(["scarlet", *sys.argv[1:]]), **run_bench(cfg)}
+    md = render_markdown(data)
+    write_reports(data, md, args.json, args.markdown)
+    if args.plot:
+        plot(data, args.plot)
+    if args.readme:
+        update_readme(args.readme, md)
+    print(md)
+    return 0

@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from scarlet_deploy.calib.model import calibrate_model, model_config
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.host import physical_cores
+from scarlet_deploy.runtime.runners.ort import OrtOptions
+
+BACKENDS = ("torch", "ort", "ort-int8", "trt-fp32", "trt-fp16", "trt-int8")
+
+
+BACKEND_LABELS = {"torch": "PyTorch eager", "ort": "ORT FP32", "ort-int8": "ORT INT8",
+                  "trt-fp32": "TensorRT FP32", "trt-fp16": "TensorRT FP16", "trt-int8": "TensorRT INT8"}
+
+
+REFERENCES = ("torch", "ort")  # every row gets a speed-up against these two
+
+
+TRT_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class BenchConfig:
+    models: list[str] = field(default_factory=lambda: ["scarlet_a", "scarlet_b", "scarlet_c", "efficientnet_lite0"])
+    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    threads: int | None = None  # None: physical cores, for torch and onnxruntime alike
+    build_dir: Path = Path("build")
+    engines: list[Path] = field(default_factory=list)
+    repeats: int = 5
+    seconds: float = 1.0
+    warmup_s: float = 0.5
+    memory: bool = True
+    tune: bool = False
+    calibrate: bool = False  # create a missing build/<model>.int8.onnx the way `make calib` does
+    ort: OrtOptions = OrtOptions()
+    torch_channels_last: bool = False
+    reports_dir: Path = Path("reports")  # where verify-<model>.json are looked for
+    peak_seconds: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from scarlet_deploy.export.registry import get_spec
+
+        for m in self.models:
+            get_spec(m)
+        bad = [b for b in self.backends if b not in BACKENDS]
+        if bad:
+            raise ScarletError(f"unknown backend(s) {', '.join(bad)}; choose from {', '.join(BACKENDS)}.")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise ScarletError(f"batch sizes must be positive integers, got {self.batches}.")
+        if self.repeats < 1 or self.seconds <= 0:
+            raise ScarletError("--repeats must be >= 1 and --seconds > 0.")
+        self.batches = sorted(set(self.batches))
+        self.build_dir, self.reports_dir = Path(self.build_dir), Path(self.reports_dir)
+        self.engines = [Path(e) for e in self.engines]
+        for e in self.engines:
+            model, _, precision = e.name.removesuffix(".plan").rpartition(".")
+            if not e.name.endswith(".plan") or model not in self.models or precision not in TRT_PRECISIONS:
+                raise ScarletError(f"--engine {e}: name it <model>.<{'|'.join(TRT_PRECISIONS)}>.plan for one of the "
+                                   f"benchmarked models ({', '.join(self.models)}), as `make engine` does.")
+            if not e.is_file():
+                raise ScarletError(f"--engine {e} does not exist; build it with `make engine`.")
+        self.threads = self.threads or physical_cores()
+        if self.ort.threads is None:
+            self.ort = OrtOptions(self.threads, self.ort.opt_level, self.ort.execution_mode, self.ort.memory_arena)
+
+
+@dataclass
+class Artifact:
+    backend: str
+    path: Path | None  # None for torch (built in memory)
+    size_mb: float
+
+
+@dataclass
+class ModelPlan:
+    model: str
+    onnx: Path
+    image_size: int
+    artifacts: dict[str, Artifact]  # backend -> what it runs
+    skipped: dict[str, str]  # backend -> why not
+
+
+def onnx_image_size(path: Path) -> int:
+    """Spatial size of the model's (N, 3, S, S) input; 224 for every registry model."""
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return dims[-1].dim_value or 224
+
+
+def _mb(path: Path) -> float:
+    return path.stat().st_size / 2 ** 20
+
+
+def ensure_onnx(model: str, build_dir: Path, loaded=None) -> Path:
+    """build/<model>.onnx, exported through the project's exporter when missing (fresh clone).
+
+    `loaded` (export.checkpoint.LoadedModel) saves loading the model a second time.
+    """
+    path = build_dir / f"{model}.onnx"
+    if not path.exists():
+        from scarlet_deploy.export.onnx_export import ExportConfig, export_model
+
+        export_model(ExportConfig(model=model, output=path), loaded)
+    return path
+
+
+def _engine_for(model: str, precision: str, cfg: BenchConfig) -> Path:
+    for e in cfg.engines:  # an explicit --engine wins over the build-dir convention
+        if e.name == f"{model}.{precision}.plan":
+            return e
+    return cfg.build_dir / f"{model}.{precision}.plan"
+
+
+def trt_unavailable() -> str | None:
+    """Why TensorRT backends cannot run here, or None when they can."""
+    try:
+        from scarlet_deploy.runtime.runners.trt import require_gpu
+
+        require_gpu()
+    except ScarletError as e:
+        return str(e).rstrip(".")
+    return None
+
+
+def calibrate_int8(model: str, cfg: BenchConfig) -> None:
+    """build/<model>.int8.onnx as `make calib` makes it; method comparison and its speed check are
+    skipped since this run measures speed itself."""
+    calibrate_model(model, cfg.build_dir, None, ["ort"], str(cfg.reports_dir / f"calib-{model}"), None,
+                    model_config(compare_methods=False, bench_rounds=0, threads=cfg.threads))
+
+
+def plan_model(model: str, cfg: BenchConfig, loaded=None) -> ModelPlan:
+    onnx_path = ensure_onnx(model, cfg.build_dir, loaded)
+    arts: dict[str, Artifact] = {}
+    skipped: dict[str, str] = {}
+    trt_reason = trt_unavailable() if any(b.startswith("trt-") for b in cfg.backends) else None
+    for b in cfg.backends:
+        if b == "torch":
+            arts[b] = Artifact(b, None, 0.0)  # size filled in once the model is built
+        elif b == "ort":
+            arts[b] = Artifact(b, onnx_path, _mb(onnx_path))
+        elif b == "ort-int8":
+            p = cfg.build_dir / f"{model}.int8.onnx"
+            if not p.exists() and cfg.calibrate:
+                try:
+                    calibrate_int8(model, cfg)
+                except ScarletError as e:
+                    skipped[b] = f"calibration failed: {str(e).rstrip('.')}"
+                    continue
+            if p.exists():
+                arts[b] = Artifact(b, p, _mb(p))
+            else:
+                skipped[b] = f"no calibrated INT8 model {p}; create it with `make calib MODEL={model}`"
+        else:
+            precision = b.split("-", 1)[1]
+            p = _engine_for(model, precision, cfg)
+            if trt_reason:
+                skipped[b] = trt_reason
+            elif not p.exists():
+                skipped[b] = f"no engine {p}; build it with `make engine MODEL={model} PRECISION={precision}`"
+            else:
+                arts[b] = Artifact(b, p, _mb(p))
+    return ModelPlan(model, onnx_path, onnx_image_size(onnx_path), arts, skipped)
+
+
+def bench_input(batch: int, seed: int = 0, size: int = 224) -> np.ndarray:
+    # Speed does not depend on pixel values for these dense models; a fixed seed keeps runs identical.
+    return np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)

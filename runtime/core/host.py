@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def physical_cores() -> int:
+    """Physical cores (hyper-threads share execution units, so ORT gains nothing from them)."""
+    try:
+        pairs, phys, core = set(), None, None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    pairs.add((phys, core))
+        if pairs:
+            return min(len(pairs), len(os.sched_getaffinity(0)))
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """CPU seconds since boot: busy on the whole machine (/proc/stat), stolen by the hypervisor,
+    and used by this process and the children it waited for (getrusage)."""
+    busy: float
+    steal: float
+    own: float
+
+    @classmethod
+    def now(cls, stat_path: str = "/proc/stat") -> "CpuTimes | None":
+        import resource
+
+        try:
+            with open(stat_path) as f:
+                fields = [float(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0.0] * 8)[:8]
+        own = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for a in ("ru_utime", "ru_stime"))
+        return cls((user + nice + system + irq + softirq) / hz, steal / hz, own)
+
+
+def machine_load(start: CpuTimes | None, end: CpuTimes | None, wall_s: float, cpus: int) -> dict[str, float] | None:
+    """What else ran during a measurement, as percent of all CPUs: benchmarks on a shared or
+    noisy machine are only comparable when this is near zero."""
+    if start is None or end is None or wall_s <= 0:
+        return None
+    capacity = wall_s * cpus
+    other = max(0.0, (end.busy - start.busy) - (end.own - start.own))
+    return {"other_processes_pct": 100 * other / capacity, "steal_pct": 100 * (end.steal - start.steal) / capacity}
+
+
+LOAD_WARN_PCT = 5.0
+
+
+def load_text(load: dict[str, float] | None) -> str:
+    if load is None:
+        return "Machine load not measured (no /proc/stat)."
+    text = (f"Other processes used {load['other_processes_pct']:.1f} % of the CPUs during the run "
+            f"(hypervisor steal {load['steal_pct']:.1f} %).")
+    if load["other_processes_pct"] + load["steal_pct"] > LOAD_WARN_PCT:
+        text += " **Over 5 %: these numbers are suspect; rerun on an idle machine.**"
+    return text

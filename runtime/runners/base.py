@@ -1,0 +1,42 @@
+"""Backends behind one small interface (like Polygraphy's runners): load, infer, close.
+
+verify and bench only ever see `Runner`, so PyTorch, onnxruntime and TensorRT are
+measured alike. `infer` takes a float32 NCHW batch and returns float32 logits (N, 1000).
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+
+class Runner(ABC):
+    name: str = "runner"
+    kind: str = "?"  # torch | ort | trt
+
+    def load(self) -> "Runner":
+        return self
+
+    @abstractmethod
+    def infer(self, x: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None:
+        pass
+
+    def timed(self, x: np.ndarray) -> list[float]:
+        """Seconds per run of one `infer(x)`; runners with their own clocks (CUDA events) override it."""
+        t0 = time.perf_counter()
+        self.infer(x)
+        return [time.perf_counter() - t0]
+
+    def describe(self) -> dict[str, Any]:
+        """What goes into reports: name, kind, and the artifact manifest where there is one."""
+        return {"name": self.name, "kind": self.kind}
+
+    def __enter__(self) -> "Runner":
+        return self.load()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

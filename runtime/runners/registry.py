@@ -1,0 +1,32 @@
+"""One place that turns a backend name and an artifact into a Runner, for verify, bench and serve alike."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.runners.base import Runner
+from scarlet_deploy.runtime.runners.ort import OrtOptions, OrtRunner
+
+KINDS = ("torch", "ort", "trt")
+
+
+def open_runner(kind: str, path: str | os.PathLike | None = None, *, name: str | None = None,
+                threads: int | None = None, ort: OrtOptions | None = None, module: Any = None) -> Runner:
+    """A runner of `kind` (not loaded yet): torch over an nn.Module, ort over an ONNX file, trt over a plan.
+
+    Backend names such as `ort-int8` or `trt-fp16` select by their prefix: the precision lives in the artifact.
+    """
+    family = kind.split("-", 1)[0]
+    if family == "torch":
+        from scarlet_deploy.runtime.runners.pytorch import TorchRunner  # lazy: torch is heavy
+
+        return TorchRunner(module, name=name or "pytorch", threads=threads)
+    if family == "ort":
+        options = ort or OrtOptions(threads=threads)
+        return OrtRunner(path, name=name or kind, options=options)
+    if family == "trt":
+        from scarlet_deploy.runtime.runners.trt import TrtRunner
+
+        return TrtRunner(path, name=name)
+    raise ScarletError(f"unknown backend {kind!r}; choose one of: {', '.join(KINDS)}.")

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from scarlet_deploy.runtime.verify.compare import Thresholds
+from scarlet_deploy.runtime.verify.config import VerifyConfig
+from scarlet_deploy.runtime.verify.report import render_markdown
+from scarlet_deploy.runtime.verify.run import verify
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from scarlet_deploy.export.registry import MODELS
+
+    t = Thresholds()
+    p = sub.add_parser("verify", help="parity of every backend with PyTorch on real images (exit 1 on failure)",
+                       description="Compare PyTorch with ONNX (onnxruntime) and TensorRT backends on a validation "
+                                   "folder: accuracy, top-1 agreement, logit errors. Exit status 1 when a backend fails.")
+    p.add_argument("--model", required=True, choices=sorted(MODELS))
+    p.add_argument("--let", action="store_true", help="the SCARLET network with LET layers")
+    p.add_argument("--checkpoint", help="PyTorch checkpoint; default: shipped (Lite0) or seeded weights, as export uses")
+    p.add_argument("--seed", type=int, default=0, help="seed of the seeded weights (as given to export)")
+    p.add_argument("--onnx", action="append", type=Path, default=[], help="ONNX model to check (repeatable)")
+    p.add_argument("--auto-onnx", type=Path, metavar="DIR",
+                   help="also every DIR/<model>*.onnx whose manifest names this model (FP32, FP16, INT8); "
+                        "exports DIR/<model>.onnx first when there is none")
+    p.add_argument("--engine", action="append", type=Path, default=[], help="TensorRT plan (repeatable; GPU only)")
+    p.add_argument("--val-dir", type=Path, help="DIR/<wnid>/*.JPEG, an ImageNet root with val/, or flat "
+                   "ILSVRC2012_val_*.JPEG (+ LOC_val_solution.csv); default: the shared sample, else sample photos")
+    p.add_argument("--limit", type=int, help="only N images, spread over the folder")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", type=int, help="decode processes (default: every core; 0 = decode inline)")
+    p.add_argument("--threads", type=int, help="inference threads (default: physical cores)")
+    p.add_argument("--no-pipeline-parity", dest="pipeline_parity", action="store_false",
+                   help="skip the OpenCV deploy-preprocessing pass on the first FP32 ONNX")
+    p.add_argument("--fp32-max-rel-error", type=float, default=t.fp32_max_rel_error)
+    p.add_argument("--fp32-min-agreement", type=float, default=t.fp32_min_agreement)
+    p.add_argument("--fp16-min-agreement", type=float, default=t.fp16_min_agreement)
+    p.add_argument("--int8-min-agreement", type=float, default=t.int8_min_agreement)
+    p.add_argument("--json", help="write the full report (every number, manifests, versions) here")
+    p.add_argument("--markdown", help="write the markdown report here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from scarlet_deploy.runtime.core.report import write_reports
+
+    cfg = VerifyConfig(
+        model=args.model, onnx=args.onnx, engines=args.engine, auto_onnx=args.auto_onnx, let=args.let,
+        checkpoint=args.checkpoint, seed=args.seed, val_dir=args.val_dir, limit=args.limit, batch=args.batch,
+        workers=args.workers, threads=args.threads, pipeline_parity=args.pipeline_parity,
+        thresholds=Thresholds(args.fp32_max_rel_error, args.fp32_min_agreement, args.fp16_min_agreement,
+                              args.int8_min_agreement),
+        progress=not args.quiet)
+    report = verify(cfg)
+    md = render_markdown(report)
+    write_reports(report.as_dict(), md, args.json, args.markdown)
+    print(md)
+    for path in (args.json, args.markdown):
+        if path:
+            print(f"wrote {path}")
+    return 0 if report.passed else 1

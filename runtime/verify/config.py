@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scarlet_deploy.runtime.verify.compare import Thresholds
+
+
+@dataclass
+class VerifyConfig:
+    model: str
+    onnx: list[Path] = field(default_factory=list)
+    engines: list[Path] = field(default_factory=list)
+    auto_onnx: Path | None = None  # use every <dir>/<model>*.onnx whose manifest names this model
+    let: bool = False
+    checkpoint: str | None = None
+    seed: int = 0
+    val_dir: Path | None = None
+    limit: int | None = None
+    batch: int = 64
+    workers: int | None = None  # decode processes; None: every core
+    threads: int | None = None  # inference threads; None: physical cores
+    pipeline_parity: bool = True
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    progress: bool = True

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.verify.config import VerifyConfig
+
+
+@dataclass
+class Backend:
+    """One thing to compare with PyTorch: an ONNX model for onnxruntime, or a TensorRT plan."""
+
+    name: str
+    kind: str  # ort | trt
+    path: Path
+    precision: str  # fp32 | fp16 | int8
+    manifest: dict[str, Any] | None
+
+
+def _origin(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The FP32 export manifest an artifact descends from (INT8 -> source ONNX, FP16 -> source, plan -> ONNX)."""
+    from scarlet_deploy.runtime.core.artifacts import read_manifest
+
+    m = manifest or {}
+    for _ in range(4):
+        if "checkpoint_sha256" in m:
+            return m
+        if isinstance(m.get("source_manifest"), dict):
+            m = m["source_manifest"]
+            continue
+        src = m.get("source_onnx") or m.get("source") or (m.get("request") or {}).get("onnx")
+        if not src or not Path(src).is_file():
+            break
+        m = read_manifest(src) or {}
+    return {}
+
+
+def detect_precision(path: Path, manifest: dict[str, Any] | None) -> str:
+    """From the manifest where it says, else from the graph: Q/DQ ops -> int8, float16 tensors -> fp16."""
+    m = manifest or {}
+    if m.get("precision") in PRECISIONS:
+        return m["precision"]
+    if m.get("kind") == "onnx-fp16":
+        return "fp16"
+    if path.suffix != ".onnx":
+        return "fp32"
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.op_type.startswith("QLinear") for n in g.node):
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in g.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def describe_backend(path: str | os.PathLike, kind: str = "ort") -> Backend:
+    from scarlet_deploy.runtime.core.artifacts import read_manifest
+
+    path = Path(path)
+    if not path.is_file():
+        hint = "make export (or scarlet export)" if kind == "ort" else "make engine (or scarlet engine)"
+        raise ScarletError(f"{path} does not exist; create it with {hint}.")
+    manifest = read_manifest(path)
+    return Backend(path.name, kind, path, detect_precision(path, manifest), manifest)
+
+
+def check_weights(b: Backend, model: str, let: bool, checkpoint_sha256: str) -> None:
+    """Refuse a backend built from another model or other weights: its disagreement would mean nothing."""
+    origin = _origin(b.manifest)
+    name = (b.manifest or {}).get("model") or origin.get("model")
+    if name and name != model:
+        raise ScarletError(f"{b.path} was made from {name}, not {model}; pass --model {name} or the right file.")
+    if origin and bool(origin.get("let", False)) != let:
+        raise ScarletError(f"{b.path} was exported {'with' if origin.get('let') else 'without'} --let; "
+                           f"{'add' if origin.get('let') else 'drop'} --let or pass the matching file.")
+    sha = origin.get("checkpoint_sha256")
+    if sha and sha != checkpoint_sha256:
+        raise ScarletError(f"{b.path} was exported from other weights ({sha[:16]}) than PyTorch loads here "
+                           f"({checkpoint_sha256[:16]}); re-export it with the same --checkpoint (make export CKPT=...).")
+
+
+def discover_onnx(build_dir: Path, model: str, let: bool) -> tuple[list[Path], list[Path]]:
+    """build_dir/<model>*.onnx whose manifest names this model (and LET variant): FP32, FP16, INT8 for
+    onnxruntime, and apart from them the Q/DQ models made for TensorRT. Those are judged as engines
+    (--engine): onnxruntime's CPU INT8xINT8 kernels saturate where TensorRT's do not, so their
+    numbers here would describe onnxruntime, not the deployment."""
+    from scarlet_deploy.runtime.core.artifacts import read_manifest
+
+    found, for_tensorrt = [], []
+    for p in sorted(Path(build_dir).glob(f"{model}*.onnx")):
+        m = read_manifest(p)
+        origin = _origin(m)
+        if m and (m.get("model") or origin.get("model")) == model and bool(origin.get("let", False)) == let:
+            (for_tensorrt if m.get("target") == "trt" else found).append(p)
+    return found, for_tensorrt
+
+
+def resolve_backends(cfg: VerifyConfig, loaded) -> tuple[list[Backend], list[str]]:
+    """Backends in report order (FP32 first), exporting the model first when --auto-onnx finds none."""
+    notes = []
+    paths = list(cfg.onnx)
+    if cfg.auto_onnx is not None:
+        auto, for_tensorrt = discover_onnx(cfg.auto_onnx, cfg.model, cfg.let)
+        if for_tensorrt:
+            notes.append(f"not run on onnxruntime (made for TensorRT; verify its engine with --engine, or name it with --onnx): "
+                         f"{', '.join(p.name for p in for_tensorrt)}")
+        if not auto:
+            from scarlet_deploy.export.onnx_export import ExportConfig, export_model
+
+            out = Path(cfg.auto_onnx) / f"{cfg.model}{'-let' if cfg.let else ''}.onnx"
+            notes.append(f"no ONNX for {cfg.model}{' +LET' if cfg.let else ''} in {cfg.auto_onnx}: exported {out} first")
+            print(notes[-1])
+            export_model(ExportConfig(cfg.model, out, cfg.let, cfg.checkpoint, seed=cfg.seed), loaded)
+            auto = [out]
+        paths += [p for p in auto if p not in paths]
+    if not paths and not cfg.engines:
+        raise ScarletError("nothing to verify: pass --onnx M.onnx (repeatable), --auto-onnx BUILD_DIR or --engine M.plan.")
+    backends = [describe_backend(p, "ort") for p in paths] + [describe_backend(p, "trt") for p in cfg.engines]
+    for b in backends:
+        check_weights(b, loaded.name, loaded.let, loaded.checkpoint_sha256)
+    backends.sort(key=lambda b: (b.kind != "ort", PRECISIONS.index(b.precision)))
+    return backends, notes
+
+
+def calibration_overlap(backends: list[Backend], root: Path) -> list[str]:
+    """Say so when an INT8 model was calibrated on images from the folder its accuracy is measured on."""
+    notes = []
+    for b in backends:
+        cal = (b.manifest or {}).get("calibration_images") or {}
+        if cal.get("dir") and Path(cal["dir"]).resolve() == Path(root).resolve():
+            notes.append(f"{b.name} was calibrated on {cal.get('count', '?')} images of this same folder: "
+                         "its accuracy here overlaps its calibration set (use a disjoint --val-dir for a clean number)")
+    return notes
+
+
+PRECISIONS = ("fp32", "fp16", "int8")
