@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import tempfile
@@ -17,6 +19,14 @@ TOOLS = ("torch", "onnx", "onnxsim", "onnxruntime", "numpy", "opencv-python-head
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    st = os.stat(path)
+    return _sha256(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    # Keyed by modification time and size: one command reads a manifest several times, and a
+    # 30 MB model should be hashed once, but a file rewritten in between is hashed again.
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -58,7 +68,23 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode())
+    """Strict JSON (RFC 8259 has no NaN or Infinity): a non-finite number is written as null, so every
+    reader can parse the file; the report itself must say why a value is missing (verify fails it)."""
+    text = json.dumps(finite_or_null(obj), indent=2, sort_keys=False, default=_jsonable, allow_nan=False)
+    write_bytes_atomic(path, (text + "\n").encode())
+
+
+def finite_or_null(obj: Any) -> Any:
+    """`obj` with every NaN/Inf float (also inside numpy arrays and scalars) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return finite_or_null(obj.tolist())
+    return obj
 
 
 def _jsonable(o: Any) -> Any:
@@ -80,13 +106,30 @@ def write_manifest(artifact: str | os.PathLike, manifest: dict[str, Any]) -> Pat
     return path
 
 
-def read_manifest(artifact: str | os.PathLike, required: bool = False) -> dict[str, Any] | None:
+# The key under which a manifest records its own artifact's sha256 (export; fp16 and int8). TensorRT plans
+# check their plan_sha256 themselves: a changed plan is rebuilt, not refused.
+ARTIFACT_SHA_KEYS = ("onnx_sha256", "sha256")
+
+
+def read_manifest(artifact: str | os.PathLike, required: bool = False, check: bool = True) -> dict[str, Any] | None:
+    """The manifest beside `artifact`. With `check` (the default) its recorded sha256 must be the
+    file's: a manifest copied beside another file would lend it the wrong model and preprocessing."""
     path = manifest_path(artifact)
     if not path.exists():
         if required:
             raise ScarletError(f"{artifact} has no manifest ({path.name}); re-create it with the scarlet command that made it.")
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, and UnicodeDecodeError for binary files
         raise ScarletError(f"manifest {path} is unreadable ({e}); delete it and re-create the artifact.") from e
+    if not isinstance(manifest, dict):
+        raise ScarletError(f"manifest {path} is not a JSON object; delete it and re-create the artifact.")
+    if check and os.path.isfile(artifact):
+        key = next((k for k in ARTIFACT_SHA_KEYS if isinstance(manifest.get(k), str)), None)
+        if key and manifest[key] != sha256_file(artifact):
+            raise ScarletError(f"{artifact} is not the file its manifest {path.name} describes (sha256 {sha256_file(artifact)[:16]}, "
+                               f"manifest {key} {manifest[key][:16]}): the file was replaced or the manifest copied from "
+                               f"another one. Re-create {artifact} with the scarlet command that made it (`scarlet export` "
+                               f"for an FP32 ONNX), which writes both together.")
+    return manifest
