@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    try:  # Ctrl-C while the parser imports the command modules (torch, onnx) is an interruption too
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except ScarletError as e:
         print(textwrap.fill(f"error: {e}", width=100), file=sys.stderr)

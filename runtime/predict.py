@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from scarlet_deploy.runtime.core.cli_types import int_range
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.logits import softmax, top_k
+from scarlet_deploy.runtime.core.onnx_io import check_classifier
 
 
 @dataclass
@@ -40,6 +42,9 @@ def predict(onnx_path: str | Path, images: list[str], model: str | None = None, 
     from scarlet_deploy.runtime.runners.ort import OrtRunner
 
     spec = get_spec(model_for_onnx(onnx_path, model))
+    if not 1 <= top <= spec.num_classes:
+        raise ScarletError(f"--top {top}: choose between 1 and {spec.num_classes}.")
+    check_classifier(onnx_path, spec.preprocess.crop, spec.num_classes, spec.name)
     tensors, kept, skipped = [], [], []
     for path in images:
         try:
@@ -52,7 +57,11 @@ def predict(onnx_path: str | Path, images: list[str], model: str | None = None, 
     if not tensors:
         return [], skipped
     with OrtRunner(onnx_path) as runner:
-        probs = softmax(runner.infer(np.stack(tensors)))
+        logits = runner.infer(np.stack(tensors))
+    if not np.isfinite(logits).all():
+        raise ScarletError(f"{onnx_path} produced NaN or infinite logits: its weights are not finite. Re-export it from a "
+                           "good checkpoint (`scarlet export` refuses non-finite weights).")
+    probs = softmax(logits)
     out = []
     for path, p, idx in zip(kept, probs, top_k(probs, top)):
         out.append(Prediction(path, [(int(i), classes.name(int(i)), float(p[i])) for i in idx]))
@@ -63,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-5 ImageNet classes for images through an ONNX model")
     p.add_argument("--onnx", required=True)
     p.add_argument("--model", help="registry model name (default: from the ONNX manifest)")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=int_range(1, 1000), default=5, help="classes per image (1-1000, default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("images", nargs="+")
     p.set_defaults(func=run)

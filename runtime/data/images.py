@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from pathlib import Path
+
+from scarlet_deploy.runtime.core.errors import ScarletError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -31,3 +35,55 @@ def fixed_images(n: int) -> list[Path]:
     files = list_images(d)
     step = max(len(files) // max(n, 1), 1)
     return files[::step][:n]
+
+
+class UnreadableImage(ScarletError):
+    """One image that cannot be used; commands that read many skip it with this message as the reason."""
+
+
+# PIL's decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, ~89 M pixels, 256 MiB as RGB): PIL
+# warns there and refuses twice as many, OpenCV only beyond 2**30. A 400 KB PNG can declare 20000x20000
+# pixels, 1.2 GB decoded; one cap for both pipelines, checked from the header before decoding.
+MAX_PIXELS = 89_478_485
+MAX_BYTES = 256 * 2**20  # far above any photo; a bigger file is not one
+
+
+def read_image_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file, refused (UnreadableImage) unless it is a regular file of sane size
+    whose header declares at most MAX_PIXELS pixels. Reading a FIFO or a device would block forever."""
+    import io
+
+    from PIL import Image
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UnreadableImage(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UnreadableImage(f"{path}: not a regular file (a FIFO, device, socket or folder); pass image files")
+    if st.st_size == 0:
+        raise UnreadableImage(f"{path}: empty file (0 bytes)")
+    if st.st_size > MAX_BYTES:
+        raise UnreadableImage(f"{path}: {st.st_size / 2**20:.0f} MiB is more than an image file should be "
+                              f"(limit {MAX_BYTES // 2**20} MiB)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UnreadableImage(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with a clearer message
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except Image.DecompressionBombError:
+        raise UnreadableImage(f"{path}: declares more than twice the {MAX_PIXELS / 1e6:.0f} M pixel limit; "
+                              "downscale it first") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage(f"{path}: not an image (no format PIL or OpenCV reads)") from None
+    except (OSError, ValueError) as e:
+        raise UnreadableImage(f"{path}: not a readable image ({e})") from None
+    if w * h > MAX_PIXELS:
+        raise UnreadableImage(f"{path}: {w}x{h} is {w * h / 1e6:.0f} M pixels, over the {MAX_PIXELS / 1e6:.0f} M pixel "
+                              "limit; downscale it first")
+    return data

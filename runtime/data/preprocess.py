@@ -8,13 +8,14 @@
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.data.images import UnreadableImage, read_image_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -30,10 +31,6 @@ class Preprocess:
     crop: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-
-
-class UnreadableImage(ScarletError):
-    pass
 
 
 def _resized_size(w: int, h: int, short: int) -> tuple[int, int]:
@@ -58,8 +55,9 @@ def reference(path: str | os.PathLike, p: Preprocess) -> np.ndarray:
     """(3, crop, crop) float32 through PIL, as the SCARLET-NAS evaluation does."""
     from PIL import Image
 
+    data = read_image_bytes(path)  # regular files only, pixel cap: the same limits as `deploy`
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im = im.convert("RGB")  # greyscale, CMYK, palette -> RGB
             w, h = _resized_size(*im.size, p.resize)
             im = im.resize((w, h), Image.BILINEAR)
@@ -75,8 +73,7 @@ def deploy(path: str | os.PathLike, p: Preprocess) -> np.ndarray:
     """(3, crop, crop) float32 through OpenCV: decode, area/linear resize, centre crop."""
     import cv2
 
-    data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    img = cv2.imdecode(np.frombuffer(read_image_bytes(path), np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise UnreadableImage(f"{path}: not a readable image (OpenCV could not decode it)")
     h, w = img.shape[:2]
