@@ -44,6 +44,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ScarletError(f"checkpoint {path} does not exist; check the path (or omit --checkpoint for seeded weights).")
     if os.path.isdir(path):
         raise ScarletError(f"checkpoint {path} is a directory; pass the .pth/.pth.tar file inside it.")
+    if os.path.getsize(path) == 0:
+        raise ScarletError(f"checkpoint {path} is empty (0 bytes): the download or save did not finish; download or save it again.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -55,7 +57,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if isinstance(e, MemoryError):
             raise
         raise ScarletError(f"checkpoint {path} cannot be read: it is truncated, corrupt or not a PyTorch checkpoint "
-                           f"({str(e).splitlines()[0][:160]}); download or save it again.") from None
+                           f"({(str(e).splitlines() or [type(e).__name__])[0][:160]}); download or save it again.") from None
     for key in WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -65,6 +67,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                            "save it with torch.save({'model_state': model.state_dict()}, path).")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
+    bad = [k for k, v in obj.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        # NaN weights make NaN logits, and NaN compares False with every tolerance: refuse them at the source.
+        raise ScarletError(f"checkpoint {path} has NaN or infinite values in {len(bad)} tensors (e.g. {', '.join(bad[:3])}): "
+                           "training diverged or the file is damaged, and every output would be garbage. Use a checkpoint "
+                           "saved before the divergence, or download it again.")
     return obj
 
 

@@ -4,18 +4,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from scarlet_deploy.runtime.core import cli_types
+
+
+def _batch(text: str) -> str:
+    return text if text == "dynamic" else str(cli_types.positive_int(text))
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from scarlet_deploy.export.onnx_export import DEFAULT_OPSET
+    from scarlet_deploy.export.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
     from scarlet_deploy.export.registry import MODELS
 
     p = sub.add_parser("export", help="export one model to simplified ONNX (+ manifest)")
     p.add_argument("--model", required=True, choices=sorted(MODELS))
     p.add_argument("--let", action="store_true", help="the network with a LET in every identity slot")
     p.add_argument("--checkpoint", help="PyTorch checkpoint (.pth/.pth.tar); default: shipped or seeded weights")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights when no checkpoint is given")
+    p.add_argument("--opset", type=cli_types.int_range(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET)
+    p.add_argument("--batch", type=_batch, default="dynamic", help="'dynamic' (default) or a fixed batch size")
+    p.add_argument("--seed", type=cli_types.seed, default=0, help="seed for weights when no checkpoint is given")
     p.add_argument("-o", "--output", required=True, type=Path)
     p.set_defaults(func=run_export)
 
@@ -23,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", default=["scarlet_a", "scarlet_b", "scarlet_c"], choices=sorted(MODELS))
     p.add_argument("--let", action="store_true")
     p.add_argument("--checkpoint", help="only with a single model")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--opset", type=cli_types.int_range(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET)
     p.add_argument("--out-dir", type=Path, default=Path("build"))
     p.set_defaults(func=run_export_all)
 

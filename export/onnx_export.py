@@ -16,11 +16,13 @@ from scarlet_deploy.export.fold import fold
 from scarlet_deploy.export.fuse import fuse_hard_activations, op_histogram
 from scarlet_deploy.export.registry import get_spec
 from scarlet_deploy.export.weights import sample_images
-from scarlet_deploy.runtime.core.artifacts import atomic_path, sha256_file, tool_versions, write_manifest
+from scarlet_deploy.runtime.core.artifacts import atomic_path, manifest_path, sha256_file, tool_versions, write_manifest
 from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.paths import check_output
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # HardSwish
+MAX_OPSET = 20  # the newest opset torch.onnx's TorchScript exporter writes (torch.onnx._constants)
 PARITY_IMAGES = 8
 # Folding reorders float32 arithmetic; anything above this is a bug, not rounding.
 MAX_EXPORT_REL_ERROR = 1e-4
@@ -45,6 +47,7 @@ class Parity:
     max_rel_error: float  # max |onnx - torch| / max |torch|
     top1_agreement: float
     logit_scale: float
+    finite: bool = True  # every PyTorch and ONNX logit is a finite number
 
 
 @dataclass
@@ -99,7 +102,8 @@ def measure_parity(reference: torch.nn.Module, onnx_bytes: bytes, x: np.ndarray,
     err = np.abs(out - ref)
     scale = float(np.abs(ref).max())
     return Parity(len(x), source, float(err.max()), float(err.max() / max(scale, 1e-30)),
-                  float((out.argmax(1) == ref.argmax(1)).mean()), scale)
+                  float((out.argmax(1) == ref.argmax(1)).mean()), scale,
+                  bool(np.isfinite(ref).all() and np.isfinite(out).all()))
 
 
 def export_model(cfg: ExportConfig, loaded: LoadedModel | None = None) -> ExportReport:
@@ -108,7 +112,10 @@ def export_model(cfg: ExportConfig, loaded: LoadedModel | None = None) -> Export
 
     if cfg.opset < MIN_OPSET:
         raise ScarletError(f"--opset {cfg.opset} is too old: HardSwish needs opset >= {MIN_OPSET}.")
+    if cfg.opset > MAX_OPSET:
+        raise ScarletError(f"--opset {cfg.opset} is newer than the exporter writes (at most {MAX_OPSET}); pass --opset {MAX_OPSET} or less.")
     batch = _batch_size(cfg.batch)
+    check_output(cfg.output, [("--checkpoint", cfg.checkpoint)], companions=[manifest_path(cfg.output)])
     t0 = time.perf_counter()
     loaded = loaded or load_model(cfg.model, cfg.let, cfg.checkpoint, cfg.seed)
     folded, fates = fold(loaded.model)
@@ -121,7 +128,11 @@ def export_model(cfg: ExportConfig, loaded: LoadedModel | None = None) -> Export
     # seed 1: synthetic parity images differ from the ones seeded weights were fitted on
     x, source = sample_images(batch or PARITY_IMAGES, get_spec(loaded.name).preprocess, seed=1)
     parity = measure_parity(loaded.model, data, x, source)
-    if parity.max_rel_error > MAX_EXPORT_REL_ERROR or parity.top1_agreement < 1.0:
+    # Written as "not within": NaN fails every comparison, so `nan > tol` would let a NaN model through.
+    if not parity.finite:
+        raise ScarletError(f"{loaded.describe()} gives NaN or infinite logits on {source}: its weights are not usable "
+                           "(training diverged or the checkpoint is damaged); nothing was written. Export a good checkpoint.")
+    if not (parity.max_rel_error <= MAX_EXPORT_REL_ERROR and parity.top1_agreement >= 1.0):
         raise ScarletError(f"the exported graph does not reproduce PyTorch (relative logit error {parity.max_rel_error:.2e}, "
                            f"top-1 agreement {parity.top1_agreement:.3f}); nothing was written. Please report this.")
     out = Path(cfg.output)
