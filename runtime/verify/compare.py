@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.logits import softmax, top_k
 
 
@@ -16,12 +18,20 @@ class Thresholds:
     fp16_min_agreement: float = 0.99
     int8_min_agreement: float = 0.95
 
-    def check(self, precision: str, agreement: float, rel_error: float) -> tuple[bool, str]:
+    def __post_init__(self) -> None:
+        for name, v in asdict(self).items():
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ScarletError(f"verify threshold {name} = {v!r}: thresholds must be finite, non-negative numbers.")
+
+    def check(self, precision: str, agreement: float, rel_error: float, nonfinite: int = 0) -> tuple[bool, str]:
+        """Pass or fail, and the rule applied. Comparisons are written so that NaN fails them, and any
+        NaN or infinite logit fails every precision: argmax over NaN still "agrees" by accident."""
+        finite = nonfinite == 0
         if precision == "fp32":
             rule = f"agree >= {self.fp32_min_agreement:.2%}, rel err <= {self.fp32_max_rel_error:g}"
-            return agreement >= self.fp32_min_agreement and rel_error <= self.fp32_max_rel_error, rule
+            return finite and agreement >= self.fp32_min_agreement and rel_error <= self.fp32_max_rel_error, rule
         floor = self.fp16_min_agreement if precision == "fp16" else self.int8_min_agreement
-        return agreement >= floor, f"agree >= {floor:.2%}"
+        return finite and agreement >= floor, f"agree >= {floor:.2%}"
 
 
 class Accuracy:
@@ -52,6 +62,7 @@ class Comparison:
         self.top5_overlap = 0.0
         self.max_abs = self.sum_abs = self.ref_scale = 0.0
         self.values = 0
+        self.nonfinite = 0  # NaN/Inf logits of the backend or of PyTorch
         self.worst_cos, self.worst_cos_file = 1.0, None
         self.disagreements: list[dict[str, Any]] = []
         self.seconds = 0.0
@@ -66,14 +77,15 @@ class Comparison:
         r1, o1 = ref.argmax(1), out.argmax(1)
         self.agree += int((r1 == o1).sum())
         self.top5_overlap += float((top_k(ref)[:, :, None] == top_k(out)[:, None, :]).any(2).sum() / 5)
+        self.nonfinite += int(out.size - np.count_nonzero(np.isfinite(out)) + ref.size - np.count_nonzero(np.isfinite(ref)))
         diff = np.abs(out.astype(np.float64) - ref)
-        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.max_abs = float(np.max([self.max_abs, diff.max()]))  # np.max keeps a NaN, builtin max() drops it
         self.sum_abs += float(diff.sum())
         self.values += diff.size
         self.ref_scale = max(self.ref_scale, float(np.abs(ref).max()))
         cos = (ref * out).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1), 1e-30)
         i = int(cos.argmin())
-        if cos[i] < self.worst_cos:
+        if not cos[i] >= self.worst_cos:  # NaN cosine (NaN logits) is the worst there is
             self.worst_cos, self.worst_cos_file = float(cos[i]), str(items[i].path)
         pr, po = softmax(ref), softmax(out)
         for i in np.flatnonzero(r1 != o1):
@@ -97,6 +109,7 @@ class Comparison:
             "mean_abs_error": self.sum_abs / self.values if self.values else None,
             "logit_scale": self.ref_scale,
             "max_rel_error": self.max_abs / self.ref_scale if self.ref_scale else None,
+            "nonfinite_logits": self.nonfinite,
             "worst_cosine": self.worst_cos,
             "worst_cosine_file": self.worst_cos_file,
             "inference_seconds": round(self.seconds, 3),

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scarlet_deploy.export.registry import get_spec
 from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.onnx_io import check_classifier
 from scarlet_deploy.runtime.verify.config import VerifyConfig
 
 
@@ -119,6 +121,9 @@ def resolve_backends(cfg: VerifyConfig, loaded) -> tuple[list[Backend], list[str
         paths += [p for p in auto if p not in paths]
     if not paths and not cfg.engines:
         raise ScarletError("nothing to verify: pass --onnx M.onnx (repeatable), --auto-onnx BUILD_DIR or --engine M.plan.")
+    spec = get_spec(cfg.model)
+    for p in paths:  # before describe_backend reads the graph: a non-ONNX file or another model's shape is one sentence
+        check_classifier(p, spec.preprocess.crop, spec.num_classes, cfg.model)
     backends = [describe_backend(p, "ort") for p in paths] + [describe_backend(p, "trt") for p in cfg.engines]
     for b in backends:
         check_weights(b, loaded.name, loaded.let, loaded.checkpoint_sha256)
