@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Iterable
 
 from scarlet_deploy.runtime.core.artifacts import write_bytes_atomic, write_json_atomic
 from scarlet_deploy.runtime.core.errors import ScarletError
@@ -41,27 +43,56 @@ def resolved_method(path: str | os.PathLike) -> str | None:
     return json.loads(Path(path).read_text()).get("resolved_method")
 
 
-def load(path: str | os.PathLike, want: Provenance) -> dict[str, tuple[float, float]]:
-    """The cached ranges, or a ScarletError saying what differs (a stale cache is never used)."""
+def load(path: str | os.PathLike, want: Provenance, tensors: Iterable[str] | None = None) -> dict[str, tuple[float, float]]:
+    """The cached ranges, or a ScarletError saying what differs (a stale cache is never used) or what
+    is wrong with them (see check_ranges; `tensors`: the activation tensors that need a range)."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ScarletError(f"calibration cache {path} is unreadable ({e}); delete it and calibrate again.") from e
-    if data.get("format") != FORMAT:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, and UnicodeDecodeError for a binary file
+        raise ScarletError(f"calibration cache {path} is unreadable ({str(e)[:120]}); delete it and calibrate again.") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        data = data if isinstance(data, dict) else {}
         raise ScarletError(f"{path} is not a scarlet calibration cache (format {data.get('format')!r}); "
                            f"pass another --cache path or delete the file.")
     have = {k: data.get(k) for k in asdict(want)}
-    have["images"] = tuple(have["images"] or ())
+    have["images"] = tuple(have["images"]) if isinstance(have["images"], list) else have["images"]
     diffs = []
     for k, v in asdict(want).items():
         if have[k] != v:
-            shown = f"{len(have[k])} images vs {len(v)}" if k == "images" else f"{have[k]!r}, this run {v!r}"
+            if k == "images":
+                shown = f"{len(have[k]) if isinstance(have[k], tuple) else 'no list of'} images vs {len(v)}"
+            else:
+                shown = f"{have[k]!r}, this run {v!r}"
             diffs.append(f"{k} (cache {shown})" if k != "images" else f"calibration images ({shown}, or another selection)")
     if diffs:
         what = "another model" if "onnx_sha256" in " ".join(diffs) else "other settings"
         raise ScarletError(f"calibration cache {path} was made for {what}: {'; '.join(diffs)}. Its ranges do not apply; "
                            f"delete it or pass another --cache path to calibrate afresh.")
-    return {k: (float(v[0]), float(v[1])) for k, v in data["ranges"].items()}
+    return check_ranges(data.get("ranges"), tensors,
+                        f"calibration cache {path}", "delete it (or pass another --cache path) and calibrate again")
+
+
+def check_ranges(ranges: Any, tensors: Iterable[str] | None, where: str, fix: str) -> dict[str, tuple[float, float]]:
+    """{tensor: (lo, hi)} with every bound finite and lo <= hi, and (given `tensors`) a range for each of
+    them; else a ScarletError naming `where` and saying `fix`. An inverted or NaN range quantises a
+    tensor to garbage and the model to 0 % top-1 without any error."""
+    if not isinstance(ranges, dict):
+        raise ScarletError(f"{where} has no 'ranges' table ({{tensor: [lo, hi]}}); {fix}.")
+    out, bad = {}, []
+    for name, v in ranges.items():
+        ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in v)
+        if ok and math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] <= v[1]:
+            out[name] = (float(v[0]), float(v[1]))
+        else:
+            bad.append(f"{name}: {v!r}")
+    if bad:
+        raise ScarletError(f"{where} has {len(bad)} invalid ranges (not two finite numbers with lo <= hi; e.g. "
+                           f"{'; '.join(bad[:2])}); {fix}.")
+    missing = sorted(set(tensors) - set(out)) if tensors is not None else []
+    if missing:
+        raise ScarletError(f"{where} lacks ranges for {len(missing)} of the model's activation tensors (e.g. "
+                           f"{', '.join(missing[:3])}); {fix}.")
+    return out
 
 
 def trt_version() -> str:

@@ -5,24 +5,28 @@ import argparse
 from pathlib import Path
 
 from scarlet_deploy.calib.model import MODEL_DEFAULTS
+from scarlet_deploy.calib.pipeline import trt_table_path
+from scarlet_deploy.runtime.core import cli_types
+from scarlet_deploy.runtime.core.artifacts import manifest_path
+from scarlet_deploy.runtime.core.paths import check_output
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-images", type=int, default=512, help="calibration images, sampled across classes (default 512)")
+    p.add_argument("--num-images", type=cli_types.positive_int, default=512, help="calibration images, sampled across classes (default 512)")
     p.add_argument("--method", default="auto", choices=("auto", "minmax", "percentile", "entropy", "mse"),
                    help="range method; auto (default) quantises every layer with each method and keeps the "
                         "one that meets the budget with the lowest logits error (percentile: clip at the "
                         "99.99th percentile of |x|)")
-    p.add_argument("--max-top1-drop", type=float, default=None,
+    p.add_argument("--max-top1-drop", type=cli_types.percent, default=None,
                    help="keep the most sensitive layers in float until top-1 drops at most this many points")
-    p.add_argument("--min-agreement", type=float, default=None,
+    p.add_argument("--min-agreement", type=cli_types.percent, default=None,
                    help="...and until top-1 agrees with FP32 on at least this percent of evaluation images")
-    p.add_argument("--num-eval", type=int, default=None, help="evaluate on at most this many images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-eval", type=cli_types.positive_int, default=None, help="evaluate on at most this many images")
+    p.add_argument("--seed", type=cli_types.seed, default=0)
     p.add_argument("--no-compare", action="store_true", help="skip the comparison of all methods")
-    p.add_argument("--bench-rounds", type=int, default=0,
+    p.add_argument("--bench-rounds", type=cli_types.nonneg_int, default=0,
                    help="also time FP32 vs INT8 at batch 8, interleaved, this many rounds")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: physical cores)")
+    p.add_argument("--threads", type=cli_types.positive_int, default=None, help="onnxruntime threads (default: physical cores)")
 
 
 def register(sub) -> None:
@@ -69,6 +73,12 @@ def _summary(res) -> str:
 def run(args) -> int:
     from scarlet_deploy.calib.pipeline import calibrate
 
+    inputs = [("--onnx", args.onnx)]
+    check_output(args.output, inputs + [("--cache", args.cache)], companions=[manifest_path(args.output), trt_table_path(args.output)])
+    if args.cache:  # read and rewritten: it may be anything but the model
+        check_output(args.cache, inputs, "--cache")
+    for suffix in (".json", ".md") if args.report else ():
+        check_output(f"{args.report}{suffix}", inputs + [("--cache", args.cache)], "--report")
     cfg = _config(args, onnx=args.onnx, images=args.images, output=args.output, target=args.target,
                   eval_dir=args.eval_dir, cache=args.cache, model=args.model, report=args.report)
     _, res = calibrate(cfg)

@@ -70,6 +70,10 @@ def split_images(images: str | os.PathLike, num_calib: int, seed: int = 0,
     files = _images(images)
     if num_calib < 1:
         raise ScarletError(f"--num-images must be at least 1 (got {num_calib}).")
+    if eval_dir is None and num_calib >= len(files):
+        raise ScarletError(f"--num-images {num_calib} would take all {len(files)} images of {images} for calibration, leaving "
+                           f"none to evaluate the INT8 model on; pass --num-images {max(len(files) // 2, 1)} (or fewer), or "
+                           "--eval-dir with other images.")
     calib = sample_across_classes(files, min(num_calib, len(files)), seed)
     taken = {p.resolve() for p in calib}
     pool = _images(eval_dir) if eval_dir is not None else files

@@ -14,6 +14,7 @@ from scarlet_deploy.calib import evaluate, images, qdq, search
 from scarlet_deploy.calib import ranges as ranges_mod
 from scarlet_deploy.calib import stats as stats_mod
 from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.onnx_io import check_classifier
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def prepare(onnx_path: Path, images_dir: Path, num_images: int, seed: int = 0, e
         raise ScarletError(f"ONNX model {onnx_path} does not exist; create it with `scarlet export` (or `make export`).")
     name = model_name(Path(onnx_path), model)
     pre = get_spec(name).preprocess
+    check_classifier(onnx_path, pre.crop, get_spec(name).num_classes, name)
     split = images.split_images(images_dir, num_images, seed, eval_dir, num_eval)
     x_calib = images.load(split.calib, pre, "calibration images")
     x_eval = images.load(split.eval, pre, "evaluation images")
@@ -145,7 +147,7 @@ def _ranges(bench: Bench, target: qdq.Target, cfg: CalibConfig) -> RangeChoice:
                                 tuple(images.relative_names(bench.split.calib)))
     if cfg.cache is not None and Path(cfg.cache).exists():
         try:
-            r = cache_mod.load(cfg.cache, prov)
+            r = cache_mod.load(cfg.cache, prov, stats_mod.activation_names(bench.onnx))
             if cfg.method != AUTO:
                 return RangeChoice(r, str(cfg.cache), cfg.method, "given", {})
             return RangeChoice(r, str(cfg.cache), cache_mod.resolved_method(cfg.cache) or AUTO, "auto (from the cache)", {})
@@ -162,6 +164,8 @@ def _ranges(bench: Bench, target: qdq.Target, cfg: CalibConfig) -> RangeChoice:
         else:
             method, how = "percentile", "auto: no evaluation images to compare methods on; percentile"
     r = candidates.get(method) or ranges_mod.compute_ranges(bench.stats(), method, target.symmetric)
+    cache_mod.check_ranges(r, None, f"the activation statistics of {bench.onnx} on the calibration images",
+                           "the float model computes NaN or Inf; re-export it from a good checkpoint")
     if cfg.cache is not None:
         cache_mod.save(cfg.cache, prov, r, method if cfg.method == AUTO else None)
     return RangeChoice(r, "calibration", method, how, methods)

@@ -50,6 +50,13 @@ def activation_tensors(model) -> list[str]:
     return names
 
 
+def activation_names(onnx_path: str | os.PathLike) -> list[str]:
+    """The tensors `collect` records (and a calibration cache must hold a range for), without running the model."""
+    import onnx
+
+    return activation_tensors(onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path))))
+
+
 def _augmented_session(onnx_path: str | os.PathLike, threads: int | None):
     """The model with every activation tensor added as a graph output."""
     import tempfile

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from scarlet_deploy.runtime.core.artifacts import manifest_path
 from scarlet_deploy.runtime.core.errors import ScarletError
 
 PathLike = str | os.PathLike
@@ -41,9 +42,12 @@ def check_output(output: PathLike, inputs: Iterable[tuple[str, PathLike | None]]
     nearest existing folder: access() says yes to root on a read-only mount, the probe does not.
     """
     out = Path(output).expanduser()
+    inputs = [(name, src) for name, src in inputs if src is not None and str(src) != ""]
+    # An input's manifest belongs to it: overwriting model.onnx.json loses the model's provenance.
+    inputs += [(f"{name} (its manifest)", manifest_path(src)) for name, src in inputs]
     for target in (out, *map(Path, companions)):
         for name, src in inputs:
-            if src is not None and str(src) != "" and same_file(target, src):
+            if same_file(target, src):
                 raise ScarletError(f"{flag} {out} would overwrite the input {name} {src}: an output must never replace "
                                    "what the command reads. Pass another output path.")
     if out.is_dir():
