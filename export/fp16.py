@@ -18,8 +18,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from scarlet_deploy.runtime.core.artifacts import atomic_path, read_manifest, sha256_file, write_manifest
+from scarlet_deploy.export.registry import MODELS
+from scarlet_deploy.runtime.core.artifacts import atomic_path, manifest_path, read_manifest, sha256_file, write_manifest
 from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.onnx_io import check_classifier
+from scarlet_deploy.runtime.core.paths import check_output
+from scarlet_deploy.runtime.data.preprocess import Preprocess
 
 # Reductions accumulate many terms: an FP16 sum of 7x7x1280 activations loses digits, and
 # Softmax's exp overflows FP16 beyond ~11. They are cheap, so they stay float32.
@@ -105,7 +109,10 @@ def _convert(model, keep_fp32_ops: Iterable[str]):
 
 
 def _up_to_date(output: Path, source_sha: str, keep: tuple[str, ...]) -> dict[str, Any] | None:
-    m = read_manifest(output) if output.exists() else None
+    try:
+        m = read_manifest(output) if output.exists() else None
+    except ScarletError:  # the FP16 file was replaced or its manifest damaged: convert again
+        return None
     if m and m.get("source_sha256") == source_sha and tuple(m.get("keep_fp32_ops", ())) == keep:
         return m
     return None
@@ -155,6 +162,12 @@ def convert_to_fp16(cfg: Fp16Config) -> Fp16Report:
     if not src.is_file():
         raise ScarletError(f"ONNX model {src} does not exist; create it with `scarlet export` (or `make export`).")
     output = Path(cfg.output) if cfg.output else fp16_path(src)
+    check_output(output, [("--onnx", src)], companions=[manifest_path(output)])
+    source_manifest = read_manifest(src)
+    spec = MODELS.get((source_manifest or {}).get("model"))
+    # What the parity images are preprocessed for; a non-ONNX file or another shape is one sentence, not a traceback.
+    check_classifier(src, spec.preprocess.crop if spec else Preprocess().crop, spec.num_classes if spec else 1000,
+                     spec.name if spec else None)
     keep = tuple(cfg.keep_fp32_ops)
     source_sha = sha256_file(src)
     t0 = time.perf_counter()
@@ -168,7 +181,6 @@ def convert_to_fp16(cfg: Fp16Config) -> Fp16Report:
     model16, clamped = _convert(model, keep)
     types = check_fp16_model(model16)
     kept = dict(collections.Counter(n.op_type for n in model16.graph.node if n.op_type in keep))
-    source_manifest = read_manifest(src)
     with atomic_path(output) as tmp:
         onnx.save(model16, str(tmp))
         parity = _parity_on_images(cfg, tmp, source_manifest)  # before the rename: a failure leaves nothing behind

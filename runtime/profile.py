@@ -13,7 +13,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from scarlet_deploy.runtime.core import cli_types
 from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.onnx_io import read_io
+from scarlet_deploy.runtime.core.paths import check_output
 from scarlet_deploy.runtime.runners.ort import OrtOptions, make_session
 
 
@@ -32,6 +35,7 @@ def profile(onnx_path: str | os.PathLike, batch: int = 8, runs: int = 10, warmup
 
     if batch < 1 or runs < 1:
         raise ScarletError("--batch and --runs must be at least 1.")
+    read_io(onnx_path)  # missing or not ONNX: one sentence, before onnxruntime's own message
     with tempfile.TemporaryDirectory(prefix="scarlet-profile-") as d:
         session = make_session(onnx_path, options, profile_prefix=str(Path(d) / "ort"))
         x = bench_input(batch, size=onnx_image_size(Path(onnx_path)))
@@ -65,9 +69,9 @@ def markdown(path: str, batch: int, ops: list[OpTime]) -> str:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="onnxruntime kernel time per operator type (after its fusions)")
     p.add_argument("--onnx", required=True)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--threads", type=int, help="onnxruntime threads (default: physical cores)")
+    p.add_argument("--batch", type=cli_types.positive_int, default=8)
+    p.add_argument("--runs", type=cli_types.positive_int, default=10)
+    p.add_argument("--threads", type=cli_types.positive_int, help="onnxruntime threads (default: physical cores)")
     p.add_argument("--json", help="also write the table as JSON here")
     p.set_defaults(func=run)
 
@@ -75,6 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from scarlet_deploy.runtime.core.artifacts import write_json_atomic
 
+    if args.json:
+        check_output(args.json, [("--onnx", args.onnx)], "--json")
     ops = profile(args.onnx, args.batch, args.runs, options=OrtOptions(threads=args.threads))
     print(markdown(args.onnx, args.batch, ops), end="")
     if args.json:

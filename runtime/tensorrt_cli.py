@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from scarlet_deploy.runtime.core import cli_types
+from scarlet_deploy.runtime.core.paths import check_output
+
 
 def register(sub) -> None:
     p = sub.add_parser("engine", help="build a TensorRT 11 plan (fp32/fp16/int8) from the exported ONNX (needs an NVIDIA GPU)",
@@ -18,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--precision", required=True, choices=("fp32", "fp16", "int8"))
     p.add_argument("--int8-onnx", type=Path, help="TensorRT Q/DQ ONNX (default: MODEL.int8-trt.onnx beside --onnx)")
     p.add_argument("--batch", default="1,8,32", help="optimisation profile MIN,OPT,MAX batch sizes, or one fixed size (default 1,8,32)")
-    p.add_argument("--workspace", type=float, metavar="GB", help="builder workspace limit in GB (default: TensorRT's, the device memory)")
+    p.add_argument("--workspace", type=cli_types.positive_float, metavar="GB", help="builder workspace limit in GB (default: TensorRT's, the device memory)")
     p.add_argument("--timing-cache", type=Path, metavar="FILE", help="timing cache reused between builds (default: timing.cache beside the plan)")
     p.add_argument("--rebuild", action="store_true", help="build even if an up-to-date plan exists")
     p.add_argument("-o", "--output", required=True, type=Path, help="plan to write (MODEL.PRECISION.plan)")
@@ -27,7 +30,7 @@ def register(sub) -> None:
     f = sub.add_parser("fp16", help="convert an exported ONNX to FP16 (float32 I/O, reductions in float32); runs on CPU")
     f.add_argument("--onnx", required=True, type=Path)
     f.add_argument("-o", "--output", type=Path, help="default: MODEL.fp16.onnx beside --onnx")
-    f.add_argument("--images", type=int, default=16, help="real images to compare FP16 vs FP32 on onnxruntime CPU (0: skip)")
+    f.add_argument("--images", type=cli_types.nonneg_int, default=16, help="real images to compare FP16 vs FP32 on onnxruntime CPU (0: skip)")
     f.add_argument("--force", action="store_true", help="convert even if an up-to-date FP16 ONNX exists")
     f.set_defaults(func=run_fp16)
 
@@ -35,6 +38,7 @@ def register(sub) -> None:
 def run_engine(args) -> int:
     from scarlet_deploy.export.trt_build import BatchProfile, EngineConfig, build_engine
 
+    check_output(args.output, [("--onnx", args.onnx), ("--int8-onnx", args.int8_onnx), ("--timing-cache", args.timing_cache)])
     cfg = EngineConfig(onnx=args.onnx, precision=args.precision, output=args.output, int8_onnx=args.int8_onnx,
                        batch=BatchProfile.parse(args.batch), workspace_gb=args.workspace,
                        timing_cache=args.timing_cache, rebuild=args.rebuild)

@@ -9,32 +9,23 @@ from scarlet_deploy.runtime.bench.plot import plot
 from scarlet_deploy.runtime.bench.readme import README_BEGIN, README_END, update_readme
 from scarlet_deploy.runtime.bench.report import render_markdown
 from scarlet_deploy.runtime.bench.run import run_bench
-from scarlet_deploy.runtime.core.errors import ScarletError
-
-
-def _csv(kind: type):
-    def parse(text: str) -> list:
-        try:
-            return [kind(t.strip()) for t in text.split(",") if t.strip()]
-        except ValueError:
-            raise ScarletError(f"cannot parse {text!r} as a comma-separated list of {kind.__name__}.") from None
-
-    return parse
+from scarlet_deploy.runtime.core import cli_types
+from scarlet_deploy.runtime.core.paths import check_output
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="measure every backend side by side; write the README's performance table")
-    p.add_argument("--models", type=_csv(str), default=BenchConfig().models)
-    p.add_argument("--backends", type=_csv(str), default=list(BACKENDS),
+    p.add_argument("--models", type=cli_types.csv_of(str), default=BenchConfig().models)
+    p.add_argument("--backends", type=cli_types.csv_of(str), default=list(BACKENDS),
                    help="subset of " + ",".join(BACKENDS) + " (unavailable ones are skipped with a reason)")
-    p.add_argument("--batch", type=_csv(int), default=[1, 8], help="comma-separated batch sizes (default 1,8)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and onnxruntime (default: physical cores)")
+    p.add_argument("--batch", type=cli_types.csv_of(cli_types.positive_int), default=[1, 8], help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--threads", type=cli_types.positive_int, default=None, help="CPU threads for PyTorch and onnxruntime (default: physical cores)")
     p.add_argument("--build-dir", type=Path, default=Path("build"))
     p.add_argument("--engine", type=Path, nargs="+", action="extend", default=[],
                    help="TensorRT plans named <model>.<fp32|fp16|int8>.plan (default: looked for in --build-dir)")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per measurement")
-    p.add_argument("--seconds", type=float, default=1.0, help="time per backend per round")
-    p.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per backend (not recorded)")
+    p.add_argument("--repeats", type=cli_types.positive_int, default=5, help="interleaved rounds per measurement")
+    p.add_argument("--seconds", type=cli_types.positive_float, default=1.0, help="time per backend per round")
+    p.add_argument("--warmup", type=cli_types.nonneg_float, default=0.5, help="warm-up seconds per backend (not recorded)")
     p.add_argument("--tune", action="store_true", help="try a small onnxruntime settings grid first; use the winner")
     p.add_argument("--calibrate-missing", action="store_true",
                    help="create a missing build/<model>.int8.onnx as `make calib` does (minutes per model)")
@@ -57,6 +48,14 @@ def run(args) -> int:
                       torch_channels_last=args.channels_last,
                       reports_dir=args.reports_dir)
     from scarlet_deploy.runtime.core.report import write_reports
+
+    # Everything the run reads: the models' build files (ONNX, INT8, plans, manifests), engines, accuracy reports.
+    inputs = [("--build-dir", p) for m in cfg.models for p in sorted(cfg.build_dir.glob(f"{m}.*"))] + \
+        [("--engine", e) for e in cfg.engines] + \
+        [("--reports-dir", cfg.reports_dir / f"{kind}-{m}.json") for m in cfg.models for kind in ("verify", "calib")]
+    for flag, out in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if out:  # before minutes of measuring, and never over a benchmarked model
+            check_output(out, inputs, flag)
 
     data = {"command": " ".join(["scarlet", *sys.argv[1:]]), **run_bench(cfg)}
     md = render_markdown(data)
