@@ -1,0 +1,478 @@
+"""Hostile inputs: every command refuses garbage with one paragraph and exit 2, never certifies it,
+never overwrites an input, never hangs, never shows a traceback.
+
+Each case builds its own bad file, runs the command in-process (a FIFO case in a subprocess, with a
+timeout, since a regression there hangs) and checks: the exit status, a message naming the file and
+the fix, no traceback, nothing written, every input byte-for-byte unchanged (sha256 before/after).
+Models are tiny hand-built ONNX graphs wherever the command refuses before running anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scarlet_deploy.calib import cache as cache_mod
+from scarlet_deploy.export.checkpoint import load_model
+from scarlet_deploy.export.registry import get_spec
+from scarlet_deploy.runtime.cli import main
+from scarlet_deploy.runtime.core.artifacts import manifest_path, read_manifest, sha256_file, write_json_atomic, write_manifest
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.data import classes
+from scarlet_deploy.runtime.data.dataset import open_dataset
+from scarlet_deploy.runtime.data.images import MAX_PIXELS, UnreadableImage
+from scarlet_deploy.runtime.data.preprocess import deploy, reference
+from scarlet_deploy.runtime.verify.compare import Comparison, Thresholds
+
+TENCH, TOILET_TISSUE = "n01440764", "n15075141"  # first and last of the sorted ImageNet-1k wnids
+
+
+# ----------------------------------------------------------------------------- builders
+
+def tiny_onnx(path: Path, classes_: int = 1000, size: int = 224, weight: float | None = None) -> Path:
+    """GlobalAveragePool -> Flatten -> Gemm: a classifier interface with no real work (weight NaN: NaN logits)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((classes_, 3)).astype(np.float32)
+    if weight is not None:
+        w[:] = weight
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+         helper.make_node("Gemm", ["f", "W"], ["logits"], transB=1)], "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes_])],
+        [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A few hundred bytes that declare width x height pixels: what a decompression bomb looks like."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def b_state():
+    torch.manual_seed(0)
+    return get_spec("scarlet_b").create().state_dict()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, b_state) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("hostile")
+    f = {"dir": d}
+    torch.save({"model_state": b_state}, f.setdefault("good_pth", d / "good.pth"))
+    nan = {k: (torch.full_like(v, math.nan) if k == "classifier.weight" else v) for k, v in b_state.items()}
+    torch.save({"model_state": nan}, f.setdefault("nan_pth", d / "nan.pth"))
+    (f.setdefault("empty_pth", d / "empty.pth")).write_bytes(b"")
+    (f.setdefault("garbage_onnx", d / "garbage.onnx")).write_bytes(b"\x00\x01not an onnx model" * 50)
+    f["onnx"] = tiny_onnx(d / "tiny.onnx")
+    f["c10"] = tiny_onnx(d / "c10.onnx", classes_=10)
+    f["s32"] = tiny_onnx(d / "s32.onnx", size=32)
+    f["nan_onnx"] = tiny_onnx(d / "nan.onnx", weight=math.nan)
+    imgs = d / "images"
+    for i, wnid in enumerate((TENCH, "n01443537", "n01484850", TOILET_TISSUE)):
+        (imgs / wnid).mkdir(parents=True)
+        Image.fromarray(np.full((64, 80, 3), 40 * i, np.uint8)).save(imgs / wnid / f"{wnid}_{i}.png")
+    f["images"] = imgs
+    f["huge_png"] = png_header(d / "huge.png", 20000, 20000)
+    f["big_png"] = png_header(d / "big.png", 10000, 10000)  # 100 M pixels: above the cap, below PIL's own refusal
+    os.mkfifo(f.setdefault("fifo", d / "fifo.JPEG"))
+    return f
+
+
+def _sha(p: Path) -> str | None:
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+
+
+def run_cli(capsys, argv: list[str], inputs: list[Path] = (), not_written: list[Path] = ()) -> tuple[int, str]:
+    """Run `scarlet argv` in-process; assert no traceback, inputs unchanged, nothing written. (rc, stderr)."""
+    before = {p: _sha(Path(p)) for p in inputs}
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err + out.out
+    for p in inputs:
+        assert _sha(Path(p)) == before[p], f"{p} was modified"
+        assert _sha(manifest_path(p)) == before.get(manifest_path(p), _sha(manifest_path(p)))
+    for p in not_written:
+        assert not Path(p).exists(), f"{p} was written"
+    return rc, out.err
+
+
+def assert_refused(rc: int, err: str, *needles: str) -> None:
+    """Exit 2 with one paragraph (no blank line) that contains every needle (the file, the fix)."""
+    assert rc == 2, err
+    text = err.strip()
+    assert text and "\n\n" not in text, err
+    flat = " ".join(text.split())
+    for n in needles:
+        assert " ".join(str(n).split()) in flat, (n, err)
+
+
+def assert_usage_error(rc: int, err: str, flag: str) -> None:
+    assert rc == 2 and "usage:" in err and f"argument {flag}" in err, err
+
+
+# ----------------------------------------------------------------------------- 1. non-finite numbers are failures
+
+def test_nan_checkpoint_is_refused_before_export(files, capsys, tmp_path):
+    out = tmp_path / "nan.onnx"
+    rc, err = run_cli(capsys, ["export", "--model", "scarlet_b", "--checkpoint", files["nan_pth"], "-o", out],
+                      [files["nan_pth"]], [out, manifest_path(out)])
+    assert_refused(rc, err, str(files["nan_pth"]), "classifier.weight", "NaN or infinite")
+
+
+@pytest.mark.slow
+def test_export_parity_gate_fails_on_nan_logits(files, tmp_path):
+    """The gate itself, with the loader's check bypassed: `nan > tol` is False, `not (nan <= tol)` is True."""
+    from scarlet_deploy.export.onnx_export import ExportConfig, export_model
+
+    loaded = load_model("scarlet_b", checkpoint=files["good_pth"])
+    with torch.no_grad():
+        loaded.model.classifier.weight.fill_(math.nan)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ScarletError, match="NaN or infinite logits"):
+        export_model(ExportConfig("scarlet_b", out), loaded)
+    assert not out.exists() and not manifest_path(out).exists()
+
+
+def test_nonfinite_logits_fail_every_precision():
+    ref = np.zeros((2, 1000), np.float32)
+    ref[:, 0] = 5.0  # PyTorch says class 0, which is also argmax over an all-NaN row
+    out = np.full((2, 1000), np.nan, np.float32)
+    c = Comparison()
+    c.update(ref, out, [type("Item", (), {"label": None, "path": Path(f"{i}.png")})() for i in range(2)])
+    d = c.as_dict()
+    assert d["nonfinite_logits"] == 2000 and math.isnan(d["max_abs_error"])
+    for precision in ("fp32", "fp16", "int8"):
+        assert not Thresholds().check(precision, d["top1_agreement"], d["max_rel_error"], d["nonfinite_logits"])[0]
+    assert not Thresholds().check("fp32", 1.0, math.nan)[0]
+
+
+def test_verify_of_a_nan_model_fails_and_writes_strict_json(files, val_dir, tmp_path, capsys):
+    """Before: max(0, nan) == 0, so max abs error 0, top-1 'agrees' on the tench (argmax of NaN is 0): PASS."""
+    val = tmp_path / "val" / TENCH
+    val.mkdir(parents=True)
+    (val / "tench.JPEG").write_bytes(next((val_dir / TENCH).iterdir()).read_bytes())
+    report = tmp_path / "verify.json"
+    rc, _ = run_cli(capsys, ["verify", "--model", "efficientnet_lite0", "--onnx", files["nan_onnx"], "--val-dir", val.parent,
+                             "--workers", "0", "--quiet", "--no-pipeline-parity", "--json", report], [files["nan_onnx"]])
+    assert rc == 1
+    data = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in a JSON report"))
+    row = data["backends"][0]
+    assert data["passed"] is False and row["passed"] is False and row["nonfinite_logits"] > 0
+    assert row["max_abs_error"] is None  # NaN is not JSON; null, and the row fails
+
+
+def test_reports_are_strict_json(tmp_path):
+    write_json_atomic(tmp_path / "r.json", {"a": math.nan, "b": [math.inf, 1.0], "c": np.float32("nan"), "d": np.array([1.0, np.nan])})
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == \
+        {"a": None, "b": [None, 1.0], "c": None, "d": [1.0, None]}
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["verify", "--model", "efficientnet_lite0", "--onnx", "m.onnx", "--fp32-max-rel-error", "nan"], "--fp32-max-rel-error"),
+    (["verify", "--model", "efficientnet_lite0", "--onnx", "m.onnx", "--int8-min-agreement", "inf"], "--int8-min-agreement"),
+    (["calibrate", "--onnx", "m.onnx", "--images", ".", "-o", "q.onnx", "--max-top1-drop", "nan"], "--max-top1-drop"),
+    (["bench", "--seconds", "nan"], "--seconds"),
+])
+def test_nonfinite_thresholds_are_usage_errors(capsys, argv, flag):
+    assert_usage_error(*run_cli(capsys, argv), flag)
+
+
+# ----------------------------------------------------------------------------- 2. outputs never overwrite inputs
+
+def _build_dir(files, tmp_path) -> Path:
+    d = tmp_path / "build"
+    d.mkdir()
+    m = tiny_onnx(d / "efficientnet_lite0.onnx")
+    write_manifest(m, {"model": "efficientnet_lite0", "onnx_sha256": sha256_file(m)})
+    return d
+
+
+@pytest.mark.parametrize("case", ["export-o=ckpt", "export-o=symlink", "calibrate-o=onnx", "calibrate-cache=onnx",
+                                  "calibrate-report=manifest", "fp16-o=onnx", "fp16-o=manifest", "verify-json=onnx",
+                                  "verify-markdown=auto-onnx", "bench-json=onnx", "profile-json=onnx", "engine-o=onnx"])
+def test_an_output_never_replaces_an_input(files, tmp_path, capsys, case):
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(files["onnx"].read_bytes())
+    write_manifest(onnx, {"model": "efficientnet_lite0", "onnx_sha256": sha256_file(onnx)})
+    ckpt = tmp_path / "b.pth"
+    ckpt.write_bytes(files["good_pth"].read_bytes())
+    link = tmp_path / "link.pth"
+    link.symlink_to(ckpt)
+    build = _build_dir(files, tmp_path)
+    victim = build / "efficientnet_lite0.onnx"
+    img = ["--images", files["images"], "--num-images", "2"]
+    argv, inputs = {
+        "export-o=ckpt": (["export", "--model", "scarlet_b", "--checkpoint", ckpt, "-o", ckpt], [ckpt]),
+        "export-o=symlink": (["export", "--model", "scarlet_b", "--checkpoint", ckpt, "-o", link], [ckpt]),
+        "calibrate-o=onnx": (["calibrate", "--onnx", onnx, *img, "-o", onnx], [onnx]),
+        "calibrate-cache=onnx": (["calibrate", "--onnx", onnx, *img, "-o", tmp_path / "q.onnx", "--cache", onnx], [onnx]),
+        "calibrate-report=manifest": (["calibrate", "--onnx", onnx, *img, "-o", tmp_path / "q.onnx", "--report", onnx], [onnx]),
+        "fp16-o=onnx": (["fp16", "--onnx", onnx, "-o", onnx], [onnx]),
+        "fp16-o=manifest": (["fp16", "--onnx", onnx, "-o", manifest_path(onnx)], [onnx]),
+        "verify-json=onnx": (["verify", "--model", "efficientnet_lite0", "--onnx", onnx, "--json", onnx], [onnx]),
+        "verify-markdown=auto-onnx": (["verify", "--model", "efficientnet_lite0", "--auto-onnx", build, "--markdown", victim], [victim]),
+        "bench-json=onnx": (["bench", "--models", "efficientnet_lite0", "--build-dir", build, "--json", victim], [victim]),
+        "profile-json=onnx": (["profile", "--onnx", onnx, "--json", onnx], [onnx]),
+        "engine-o=onnx": (["engine", "--onnx", onnx, "--precision", "fp32", "-o", onnx], [onnx]),
+    }[case]
+    rc, err = run_cli(capsys, argv, inputs, [tmp_path / "q.onnx"])
+    assert_refused(rc, err, "would overwrite the input", "Pass another output path")
+
+
+@pytest.mark.parametrize("where", ["directory", "under-a-file", "unwritable"])
+@pytest.mark.parametrize("command", ["export", "verify", "fp16", "calibrate"])
+def test_unusable_output_paths_are_refused_before_the_work(files, tmp_path, capsys, where, command):
+    out = {"directory": tmp_path, "under-a-file": files["good_pth"] / "out.onnx", "unwritable": Path("/proc/out.onnx")}[where]
+    argv = {
+        "export": ["export", "--model", "scarlet_b", "--checkpoint", files["good_pth"], "-o", out],
+        "verify": ["verify", "--model", "efficientnet_lite0", "--onnx", files["onnx"], "--json", out],
+        "fp16": ["fp16", "--onnx", files["onnx"], "-o", out],
+        "calibrate": ["calibrate", "--onnx", files["onnx"], "--model", "efficientnet_lite0", "--images", files["images"],
+                      "--num-images", "2", "-o", out],
+    }[command]
+    rc, err = run_cli(capsys, argv, [files["good_pth"], files["onnx"]])
+    assert_refused(rc, err, str(out), {"directory": "is a directory", "under-a-file": "is a file, not a folder",
+                                       "unwritable": "cannot be written"}[where])
+
+
+# ----------------------------------------------------------------------------- 3. calibration caches are validated
+
+@pytest.fixture()
+def cache_file(tmp_path):
+    prov = cache_mod.Provenance("efficientnet_lite0", "0" * 64, "minmax", "ort", 0, ("n01440764/a.png",))
+    path = tmp_path / "c.json"
+    cache_mod.save(path, prov, {"x": (-1.0, 2.0), "y": (0.0, 6.0)})
+    return path, prov
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("binary", "unreadable"),
+    ("inverted", "invalid ranges"),
+    ("nan", "invalid ranges"),
+    ("string", "invalid ranges"),
+    ("missing", "lacks ranges for 1"),
+    ("no-table", "no 'ranges' table"),
+    ("images-not-a-list", "calibration images"),
+])
+def test_damaged_calibration_caches_are_refused(cache_file, damage, needle):
+    path, prov = cache_file
+    data = json.loads(path.read_text())
+    if damage == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    else:
+        {"inverted": lambda: data["ranges"].__setitem__("x", [2.0, -1.0]),
+         "nan": lambda: data["ranges"].__setitem__("x", [math.nan, 1.0]),
+         "string": lambda: data["ranges"].__setitem__("y", "0,6"),
+         "missing": lambda: data["ranges"].pop("y"),
+         "no-table": lambda: data.pop("ranges"),
+         "images-not-a-list": lambda: data.__setitem__("images", 5)}[damage]()
+        path.write_text(json.dumps(data))
+    with pytest.raises(ScarletError, match=needle) as e:
+        cache_mod.load(path, prov, ["x", "y"])
+    assert str(path) in str(e.value) and ("delete it" in str(e.value) or "another --cache" in str(e.value))
+
+
+def test_the_cli_refuses_a_binary_cache_before_loading_images(files, tmp_path, capsys):
+    bad = tmp_path / "c.json"
+    bad.write_bytes(bytes(range(256)) * 4)
+    out = tmp_path / "q.onnx"
+    rc, err = run_cli(capsys, ["calibrate", "--onnx", files["onnx"], "--model", "efficientnet_lite0", "--images", files["images"],
+                               "--num-images", "2", "--cache", bad, "-o", out], [bad, files["onnx"]], [out])
+    assert_refused(rc, err, str(bad), "delete it and calibrate again")
+
+
+def test_nonfinite_computed_ranges_are_refused():
+    with pytest.raises(ScarletError, match="re-export"):
+        cache_mod.check_ranges({"x": (math.nan, math.nan)}, None, "the statistics of m.onnx", "re-export it")
+
+
+# ----------------------------------------------------------------------------- 4. wrong model shapes
+
+@pytest.mark.parametrize("bad,needle", [("c10", "outputs 10 classes"), ("s32", "(N, 3, 32, 32)"), ("garbage_onnx", "not a readable ONNX")])
+@pytest.mark.parametrize("command", ["predict", "verify", "calibrate", "fp16", "profile", "bench"])
+def test_wrong_or_unreadable_onnx_is_one_sentence(files, tmp_path, capsys, bad, needle, command):
+    path = files[bad]
+    if command == "profile" and bad != "garbage_onnx":
+        pytest.skip("profile measures any ONNX; it only needs a readable one")
+    if command == "bench":
+        (tmp_path / "b").mkdir()
+        path = tmp_path / "b" / "efficientnet_lite0.onnx"
+        path.write_bytes(files[bad].read_bytes())
+    image = files["images"] / TENCH / f"{TENCH}_0.png"
+    argv = {
+        "predict": ["predict", "--onnx", path, "--model", "efficientnet_lite0", image],
+        "verify": ["verify", "--model", "efficientnet_lite0", "--onnx", path, "--val-dir", files["images"], "--workers", "0", "--quiet"],
+        "calibrate": ["calibrate", "--onnx", path, "--model", "efficientnet_lite0", "--images", files["images"], "--num-images", "2",
+                      "-o", tmp_path / "q.onnx"],
+        "fp16": ["fp16", "--onnx", path, "-o", tmp_path / "q.onnx", "--images", "0"],
+        "profile": ["profile", "--onnx", path, "--batch", "1", "--runs", "1"],
+        "bench": ["bench", "--models", "efficientnet_lite0", "--backends", "ort", "--build-dir", tmp_path / "b", "--no-memory",
+                  "--repeats", "1", "--seconds", "0.01"],
+    }[command]
+    rc, err = run_cli(capsys, argv, [path], [tmp_path / "q.onnx"])
+    assert_refused(rc, err, str(path), needle)
+
+
+# ----------------------------------------------------------------------------- 5. one image loader with limits
+
+@pytest.mark.parametrize("pipeline", [reference, deploy])
+@pytest.mark.parametrize("bad,needle", [("fifo", "not a regular file"), ("huge_png", "pixel limit"), ("big_png", "pixel limit"),
+                                        ("empty_pth", "empty file"), ("garbage_onnx", "not an image"), ("dir", "not a regular file")])
+def test_both_pipelines_refuse_special_files_and_bombs(files, pipeline, bad, needle):
+    with pytest.raises(UnreadableImage, match=needle):
+        pipeline(files[bad], get_spec("scarlet_a").preprocess)
+
+
+def test_pixel_cap_is_pils_bomb_threshold():
+    assert MAX_PIXELS == Image.MAX_IMAGE_PIXELS
+
+
+def test_predict_skips_a_fifo_and_a_bomb_without_hanging(files):
+    """In a subprocess with a timeout: before the fix, reading the FIFO blocked forever."""
+    proc = subprocess.run([sys.executable, "-m", "scarlet_deploy.runtime.cli", "predict", "--onnx", str(files["onnx"]),
+                           "--model", "scarlet_a", str(files["fifo"]), str(files["huge_png"]),
+                           str(files["images"] / TENCH / f"{TENCH}_0.png")],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"skipped {files['fifo']}: not a regular file" in proc.stderr
+    assert f"skipped {files['huge_png']}: declares more than" in proc.stderr
+    assert f"{TENCH}_0.png" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- 6. manifests are checked against their file
+
+def test_a_copied_manifest_is_refused(files, tmp_path, capsys):
+    other = tmp_path / "other.onnx"
+    other.write_bytes(files["c10"].read_bytes())
+    write_manifest(other, {"model": "scarlet_a", "onnx_sha256": sha256_file(files["onnx"])})  # another file's manifest
+    image = files["images"] / TENCH / f"{TENCH}_0.png"
+    rc, err = run_cli(capsys, ["predict", "--onnx", other, image], [other])
+    assert_refused(rc, err, str(other), "Re-create", "scarlet export")
+    with pytest.raises(ScarletError, match="not the file its manifest"):
+        read_manifest(other)
+
+
+def test_export_writes_the_sha256_of_its_file(lite0_onnx):
+    m = json.loads(manifest_path(lite0_onnx).read_text())
+    assert m["onnx_sha256"] == hashlib.sha256(Path(lite0_onnx).read_bytes()).hexdigest()
+    assert read_manifest(lite0_onnx) == m
+
+
+# ----------------------------------------------------------------------------- 7. one paragraph and exit 2, not a traceback
+
+def test_empty_checkpoint(files, tmp_path, capsys):
+    out = tmp_path / "e.onnx"
+    rc, err = run_cli(capsys, ["export", "--model", "scarlet_b", "--checkpoint", files["empty_pth"], "-o", out], [], [out])
+    assert_refused(rc, err, str(files["empty_pth"]), "empty (0 bytes)", "save it again")
+
+
+def test_ctrl_c_while_building_the_parser(monkeypatch, capsys):
+    import importlib
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert main(["export", "--help"]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 8. out-of-range numbers are usage errors
+
+@pytest.mark.parametrize("argv,flag", [
+    (["predict", "--onnx", "m.onnx", "--top", "0", "x.png"], "--top"),
+    (["predict", "--onnx", "m.onnx", "--top", "-3", "x.png"], "--top"),
+    (["calibrate", "--onnx", "m.onnx", "--images", ".", "-o", "q.onnx", "--num-eval", "-2"], "--num-eval"),
+    (["calibrate", "--onnx", "m.onnx", "--images", ".", "-o", "q.onnx", "--num-images", "0"], "--num-images"),
+    (["calibrate", "--onnx", "m.onnx", "--images", ".", "-o", "q.onnx", "--threads", "-1"], "--threads"),
+    (["calibrate", "--onnx", "m.onnx", "--images", ".", "-o", "q.onnx", "--min-agreement", "200"], "--min-agreement"),
+    (["calibrate", "--onnx", "m.onnx", "--images", ".", "-o", "q.onnx", "--max-top1-drop", "-1"], "--max-top1-drop"),
+    (["calibrate-model", "--model", "scarlet_a", "--bench-rounds", "-1"], "--bench-rounds"),
+    (["verify", "--model", "scarlet_a", "--onnx", "m.onnx", "--threads", "-2"], "--threads"),
+    (["verify", "--model", "scarlet_a", "--onnx", "m.onnx", "--workers", "-1"], "--workers"),
+    (["verify", "--model", "scarlet_a", "--onnx", "m.onnx", "--limit", "0"], "--limit"),
+    (["verify", "--model", "scarlet_a", "--onnx", "m.onnx", "--fp16-min-agreement", "1.5"], "--fp16-min-agreement"),
+    (["verify", "--model", "scarlet_a", "--onnx", "m.onnx", "--seed", "-1"], "--seed"),
+    (["export", "--model", "scarlet_a", "-o", "m.onnx", "--seed", "99999999999999999999"], "--seed"),
+    (["export", "--model", "scarlet_a", "-o", "m.onnx", "--opset", "99"], "--opset"),
+    (["export", "--model", "scarlet_a", "-o", "m.onnx", "--batch", "abc"], "--batch"),
+    (["bench", "--batch", "abc"], "--batch"),
+    (["bench", "--batch", "1,0"], "--batch"),
+    (["bench", "--repeats", "0"], "--repeats"),
+    (["bench", "--threads", "-4"], "--threads"),
+    (["profile", "--onnx", "m.onnx", "--runs", "0"], "--runs"),
+    (["fp16", "--onnx", "m.onnx", "--images", "-1"], "--images"),
+    (["engine", "--onnx", "m.onnx", "--precision", "fp32", "-o", "m.plan", "--workspace", "0"], "--workspace"),
+])
+def test_out_of_range_numbers_are_usage_errors(capsys, argv, flag):
+    assert_usage_error(*run_cli(capsys, argv), flag)
+
+
+def test_num_images_that_leave_nothing_to_evaluate(files, tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    rc, err = run_cli(capsys, ["calibrate", "--onnx", files["onnx"], "--model", "efficientnet_lite0", "--images", files["images"],
+                               "--num-images", "40", "-o", out], [files["onnx"]], [out])
+    assert_refused(rc, err, "all 4 images", str(files["images"]), "--num-images 2")
+
+
+# ----------------------------------------------------------------------------- 9. mutations the suite used to miss
+
+def test_a_checkpoint_missing_exactly_one_key_is_refused(tmp_path, b_state):
+    sd = {k: v for k, v in b_state.items() if k != "classifier.bias"}
+    torch.save({"model_state": sd}, tmp_path / "c.pth")
+    with pytest.raises(ScarletError, match=r"1 missing keys \(e\.g\. classifier\.bias\)"):
+        load_model("scarlet_b", checkpoint=tmp_path / "c.pth")
+
+
+def test_wnid_to_index_first_and_last(tmp_path):
+    assert classes.wnids()[0] == TENCH and classes.wnid_to_index()[TENCH] == 0
+    assert classes.wnids()[-1] == TOILET_TISSUE and classes.wnid_to_index()[TOILET_TISSUE] == 999
+    assert classes.name(0) == "tench" and classes.name(999) == "toilet paper"
+    for wnid in (TENCH, TOILET_TISSUE):
+        (tmp_path / wnid).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / wnid / "a.png")
+    assert [it.label for it in open_dataset(tmp_path).items] == [0, 999]
+
+
+# Pinned here, not read from the registry: a wrong mean/std in the registry must fail this test.
+PINNED = {"scarlet_a": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "efficientnet_lite0": ((0.498,) * 3, (0.502,) * 3)}
+
+
+@pytest.mark.parametrize("model", sorted(PINNED))
+@pytest.mark.parametrize("pipeline", [reference, deploy])
+def test_preprocessing_of_a_synthetic_image_is_exact(tmp_path, model, pipeline):
+    """256x256 needs no resize (short side 256), the 224 centre crop starts at 16: every value is known.
+    R varies with x, G with y, B is constant, so a BGR/RGB swap or a transposed crop cannot pass."""
+    yy, xx = np.mgrid[0:256, 0:256]
+    rgb = np.stack([xx, yy, np.full_like(xx, 200)], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "s.png")
+    x = pipeline(tmp_path / "s.png", get_spec(model).preprocess)
+    assert x.shape == (3, 224, 224) and x.dtype == np.float32
+    mean, std = PINNED[model]
+    crop = rgb[16:240, 16:240].astype(np.float64) / 255.0
+    want = ((crop - np.array(mean)) / np.array(std)).transpose(2, 0, 1)
+    np.testing.assert_allclose(x, want, rtol=0, atol=1e-5)
