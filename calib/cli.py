@@ -87,8 +87,12 @@ def run(args) -> int:
 
 
 def run_model(args) -> int:
-    from scarlet_deploy.calib.model import calibrate_model
+    from scarlet_deploy.calib.model import OUTPUT_SUFFIX, calibrate_model
 
+    float_onnx = args.out_dir / f"{args.model}.onnx"
+    for t in args.targets:  # --out-dir must be writable before minutes of calibration
+        check_output(args.out_dir / f"{args.model}{OUTPUT_SUFFIX[t]}", [("--checkpoint", args.checkpoint), ("the float ONNX", float_onnx)],
+                     "--out-dir")
     for res in calibrate_model(args.model, args.out_dir, args.val_dir, args.targets, args.report,
                                args.checkpoint, _config(args, onnx=Path(), images=Path(), output=Path())):
         print(_summary(res))

@@ -82,16 +82,32 @@ def split_images(images: str | os.PathLike, num_calib: int, seed: int = 0,
     return ImageSplit(tuple(calib), tuple(picked), tuple(evals[p] for p in picked))
 
 
-def load(paths: list[Path] | tuple[Path, ...], preprocess: Preprocess, what: str = "images") -> np.ndarray:
-    """(N, 3, crop, crop) float32 through the reference pipeline (the one PyTorch parity is measured on)."""
+def load_split(split: ImageSplit, preprocess: Preprocess) -> tuple[ImageSplit, np.ndarray, np.ndarray]:
+    """Both sets loaded, with every unreadable image (FIFO, pixel bomb, damaged file: the same limits as
+    predict and verify) dropped from the split and reported as one `skipped FILE: why` line."""
     from tqdm import tqdm
 
+    from scarlet_deploy.runtime.data.images import UnreadableImage
     from scarlet_deploy.runtime.data.preprocess import reference
 
-    out = np.empty((len(paths), 3, preprocess.crop, preprocess.crop), np.float32)
-    for i, p in enumerate(tqdm(paths, desc=f"reading {what}", unit="img", leave=False, disable=len(paths) < 64)):
-        out[i] = reference(p, preprocess)
-    return out
+    def readable(paths: tuple[Path, ...], what: str) -> tuple[list[int], np.ndarray]:
+        kept, arrays = [], []
+        for i, p in enumerate(tqdm(paths, desc=f"reading {what}", unit="img", leave=False, disable=len(paths) < 64)):
+            try:
+                arrays.append(reference(p, preprocess))
+                kept.append(i)
+            except UnreadableImage as e:
+                tqdm.write(f"skipped {e}")
+        return kept, np.stack(arrays) if arrays else np.empty((0, 3, preprocess.crop, preprocess.crop), np.float32)
+
+    ci, x_calib = readable(split.calib, "calibration images")
+    if not ci:
+        raise ScarletError(f"none of the {len(split.calib)} calibration images could be read (see the skipped lines); "
+                           "check the --images folder.")
+    ei, x_eval = readable(split.eval, "evaluation images")
+    kept = ImageSplit(tuple(split.calib[i] for i in ci), tuple(split.eval[i] for i in ei),
+                      tuple(split.eval_labels[i] for i in ei))
+    return kept, x_calib, x_eval
 
 
 def relative_names(paths: list[Path] | tuple[Path, ...]) -> list[str]:

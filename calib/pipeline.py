@@ -105,8 +105,7 @@ def prepare(onnx_path: Path, images_dir: Path, num_images: int, seed: int = 0, e
     pre = get_spec(name).preprocess
     check_classifier(onnx_path, pre.crop, get_spec(name).num_classes, name)
     split = images.split_images(images_dir, num_images, seed, eval_dir, num_eval)
-    x_calib = images.load(split.calib, pre, "calibration images")
-    x_eval = images.load(split.eval, pre, "evaluation images")
+    split, x_calib, x_eval = images.load_split(split, pre)
     y = np.array(split.eval_labels, dtype=np.int64)
     y_eval = y if len(y) and np.all(y >= 0) else None
     ref_eval = evaluate.logits(onnx_path, x_eval, threads=threads) if len(x_eval) else np.zeros((0, 1000), np.float32)

@@ -363,6 +363,26 @@ def test_predict_skips_a_fifo_and_a_bomb_without_hanging(files):
     assert f"{TENCH}_0.png" in proc.stdout
 
 
+def test_calibrate_skips_unreadable_images_with_a_line(files, tmp_path, capsys):
+    """The same loader in calibrate: a bomb or a damaged file among the images is skipped, not fatal."""
+    imgs = tmp_path / "images"
+    for i, wnid in enumerate((TENCH, "n01443537", "n01484850")):
+        (imgs / wnid).mkdir(parents=True)
+        Image.fromarray(np.full((64, 80, 3), 60 * i, np.uint8)).save(imgs / wnid / f"{i}.png")
+    bomb = png_header(imgs / TENCH / "bomb.png", 20000, 20000)
+    bad = imgs / "n01443537" / "bad.JPEG"
+    bad.write_bytes(b"not a jpeg")
+    out = tmp_path / "q.onnx"
+    before = _sha(files["onnx"])
+    rc = main([str(a) for a in ["calibrate", "--onnx", files["onnx"], "--model", "efficientnet_lite0", "--images", imgs,
+                                "--num-images", "4", "--method", "minmax", "--no-compare", "--threads", "1", "-o", out]])
+    printed = capsys.readouterr()
+    assert rc == 0 and out.exists() and _sha(files["onnx"]) == before and "Traceback" not in printed.err
+    assert f"skipped {bomb}: declares more than" in printed.out and f"skipped {bad}: not an image" in printed.out
+    assert json.loads(manifest_path(out).read_text())["calibration_images"]["count"] + \
+        json.loads(manifest_path(out).read_text())["evaluation_images"]["count"] == 3
+
+
 # ----------------------------------------------------------------------------- 6. manifests are checked against their file
 
 def test_a_copied_manifest_is_refused(files, tmp_path, capsys):
