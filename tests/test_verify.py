@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from scarlet_deploy.runtime.cli import main
-from scarlet_deploy.runtime.core.artifacts import manifest_path
+from scarlet_deploy.runtime.core.artifacts import manifest_path, sha256_file
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.verify import compare as vcmp
 from scarlet_deploy.runtime.verify import config as vcfg
@@ -24,14 +23,16 @@ LITE0 = "efficientnet_lite0"
 
 
 def _perturbed(src: Path, dst: Path, initializer: str, index: tuple, delta: float) -> Path:
-    """`src` with one weight changed and its manifest kept: exactly what a broken deployment looks like."""
+    """`src` with one weight changed and its manifest kept (with the new file's sha256, which manifests are
+    checked against): exactly what a broken export looks like."""
     m = onnx.load(str(src))
     init = next(i for i in m.graph.initializer if i.name == initializer)
     w = numpy_helper.to_array(init).copy()
     w[index] += delta
     init.CopyFrom(numpy_helper.from_array(w, initializer))
     onnx.save(m, str(dst))
-    shutil.copy(manifest_path(src), manifest_path(dst))
+    manifest = json.loads(manifest_path(src).read_text())
+    manifest_path(dst).write_text(json.dumps({**manifest, "onnx_sha256": sha256_file(dst)}))
     return dst
 
 
