@@ -1,3 +1,4 @@
+"""What the machine is: cores, vector ISA, and how busy it was while we measured."""
 from __future__ import annotations
 
 import os
@@ -22,6 +23,42 @@ def physical_cores() -> int:
     except OSError:
         pass
     return os.cpu_count() or 1
+
+
+# /proc/cpuinfo flag -> what we call it. INT8 speed on CPUs hinges on VNNI (one instruction per
+# 4-way u8 x s8 dot product); without it MLAS saturates 16-bit pair sums (see calib.qdq).
+ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+             ("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8"))
+
+
+@lru_cache(maxsize=1)
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_isa(flags: frozenset[str] | None = None) -> dict[str, bool]:
+    """Which of the ISA extensions that decide our speed figures this CPU reports."""
+    flags = cpu_flags() if flags is None else flags
+    return {name: flag in flags for flag, name in ISA_FLAGS}
+
+
+def isa_text(isa: dict[str, bool] | None = None) -> str:
+    """'AVX2, AVX-512, AVX-512 VNNI' - the ISA a speed figure was measured on, for every report."""
+    isa = cpu_isa() if isa is None else isa
+    present = [name for name, ok in isa.items() if ok]
+    return ", ".join(present) if present else "no AVX2 (scalar/SSE kernels)"
+
+
+def has_vnni(flags: frozenset[str] | None = None) -> bool:
+    isa = cpu_isa(flags)
+    return isa["AVX-512 VNNI"] or isa["AVX-VNNI"] or isa["AMX-INT8"]
 
 
 @dataclass(frozen=True)
