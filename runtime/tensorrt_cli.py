@@ -17,6 +17,10 @@ def register(sub) -> None:
     p.add_argument("--onnx", required=True, type=Path, help="exported FP32 ONNX (build/MODEL.onnx)")
     p.add_argument("--precision", required=True, choices=("fp32", "fp16", "int8"))
     p.add_argument("--int8-onnx", type=Path, help="TensorRT Q/DQ ONNX (default: MODEL.int8-trt.onnx beside --onnx)")
+    p.add_argument("--int8-high-precision", choices=("fp16", "fp32"), default="fp16",
+                   help="type of the layers an INT8 plan does not quantize (h-sigmoid, SE, pooling, layers kept in float): "
+                        "fp16 (default, as NVIDIA ModelOpt writes; converted to MODEL.int8-trt.fp16.onnx and checked on CPU) "
+                        "or fp32")
     p.add_argument("--batch", default="1,8,32", help="optimisation profile MIN,OPT,MAX batch sizes, or one fixed size (default 1,8,32)")
     p.add_argument("--workspace", type=float, metavar="GB", help="builder workspace limit in GB (default: TensorRT's, the device memory)")
     p.add_argument("--timing-cache", type=Path, metavar="FILE", help="timing cache reused between builds (default: timing.cache beside the plan)")
@@ -37,7 +41,7 @@ def run_engine(args) -> int:
 
     cfg = EngineConfig(onnx=args.onnx, precision=args.precision, output=args.output, int8_onnx=args.int8_onnx,
                        batch=BatchProfile.parse(args.batch), workspace_gb=args.workspace,
-                       timing_cache=args.timing_cache, rebuild=args.rebuild)
+                       timing_cache=args.timing_cache, rebuild=args.rebuild, int8_high_precision=args.int8_high_precision)
     r = build_engine(cfg)
     m = r.manifest
     state = "up to date" if r.reused else f"built in {r.seconds:.1f} s"

@@ -190,7 +190,7 @@ def test_fp16_with_half_io_is_refused(summaries):
 def test_validate_before_tensorrt(lite0_onnx, tmp_path):
     plan = tmp_path / "m.plan"
     validate(EngineConfig(lite0_onnx, "fp32", plan))
-    with pytest.raises(ScarletError, match="calibrate --target trt"):
+    with pytest.raises(ScarletError, match="INT8 needs the TensorRT Q/DQ ONNX .*--target trt"):
         validate(EngineConfig(lite0_onnx, "int8", plan))
     with pytest.raises(ScarletError, match="--int8-onnx applies to --precision int8 only"):
         validate(EngineConfig(lite0_onnx, "fp16", plan, int8_onnx=tmp_path / "q.onnx"))
