@@ -230,13 +230,208 @@ def test_runner_without_gpu_names_what_is_missing(tmp_path):
 
 
 def test_gpu_check_stops_at_once_without_gpu(tmp_path, capsys):
-    from scarlet_deploy.runtime import gpu_check
+    import time
 
     if _gpu_missing() is None:
         pytest.skip("TensorRT and a GPU are present")
-    rc = gpu_check.main(["--build-dir", str(tmp_path / "build"), "--report", str(tmp_path / "reports" / "gpu-check")])
-    assert rc == 2 and ("TensorRT 11 is not installed" in capsys.readouterr().err)
+    t0 = time.monotonic()
+    rc = cli.main(["gpu-check", "--build-dir", str(tmp_path / "build"), "--report", str(tmp_path / "reports" / "gpu-check")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and "gpu-check cannot run TensorRT plans here" in err
+    # whichever of them this machine lacks, each is named (TensorRT may be installed without a GPU)
+    assert "TensorRT 11 is not installed" in err or "cuda-python >= 13 is not installed" in err or "no CUDA GPU visible" in err
+    assert "Found: torch" in err
+    assert time.monotonic() - t0 < 60, "the missing pieces must be named within seconds, before any work"
     assert not (tmp_path / "build").exists() and not (tmp_path / "reports").exists()
+
+
+def test_gpu_check_is_a_command_that_splits_by_model_and_precision(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["gpu-check", "--help"])
+    out = capsys.readouterr().out
+    assert "--models" in out and "--precisions" in out and "--budget" in out
+
+
+# ----------------------------------------------------------------------------- stale INT8 Q/DQ ONNX
+
+def _int8_beside(onnx_path, tmp_path, **manifest):
+    q = tmp_path / "m.int8-trt.onnx"
+    onnx.save(_qdq_model(), q)
+    write_manifest(q, {"target": "trt", "source_onnx_sha256": sha256_file(onnx_path)} | manifest)
+    return q
+
+
+def test_stale_int8_onnx_is_refused_before_tensorrt(lite0_onnx, tmp_path, capsys, monkeypatch):
+    from scarlet_deploy.export import trt_build
+
+    def tripwire(*a, **k):
+        raise AssertionError("TensorRT was reached before the artifact checks")
+
+    monkeypatch.setattr(trt_build, "require_gpu", tripwire)
+    monkeypatch.setattr(trt_build, "import_tensorrt", tripwire)
+    plan = tmp_path / "m.int8.plan"
+    stale = _int8_beside(lite0_onnx, tmp_path, source_onnx_sha256="0" * 64)
+    rc = cli.main(["engine", "--onnx", str(lite0_onnx), "--precision", "int8", "--int8-onnx", str(stale), "-o", str(plan)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and "is stale: it was calibrated from an ONNX with sha256 000000000000" in err
+    assert "--target trt" in err and not plan.exists()
+    for manifest, message in (({"target": "ort"}, "calibrated for target 'ort'"), (None, "has no manifest")):
+        q = _int8_beside(lite0_onnx, tmp_path, **(manifest or {}))
+        if manifest is None:
+            q.with_name(q.name + ".json").unlink()
+        with pytest.raises(ScarletError, match=message):
+            validate(EngineConfig(lite0_onnx, "int8", plan, int8_onnx=q))
+    current = _int8_beside(lite0_onnx, tmp_path)
+    validate(EngineConfig(lite0_onnx, "int8", plan, int8_onnx=current))  # the current one passes
+    with pytest.raises(ScarletError, match="--int8-high-precision 'bf16'"):
+        validate(EngineConfig(lite0_onnx, "int8", plan, int8_onnx=current, int8_high_precision="bf16"))
+
+
+def test_gpu_check_refuses_a_stale_int8_onnx(lite0_onnx, tmp_path):
+    import shutil
+
+    from scarlet_deploy.runtime import gpu_check
+
+    build = tmp_path / "build"
+    build.mkdir()
+    onnx_path = build / "efficientnet_lite0.onnx"
+    shutil.copy(lite0_onnx, onnx_path)
+    _int8_beside(lite0_onnx, tmp_path, source_onnx_sha256="f" * 64).rename(build / "efficientnet_lite0.int8-trt.onnx")
+    (tmp_path / "m.int8-trt.onnx.json").rename(build / "efficientnet_lite0.int8-trt.onnx.json")
+    checker = gpu_check.Checker(gpu_check.CheckConfig(build, tmp_path / "r"), gpu_check.Deadline(60), [], None)
+    with pytest.raises(ScarletError, match="is stale"):
+        checker.int8_onnx("efficientnet_lite0", onnx_path)
+
+
+# ----------------------------------------------------------------------------- gpu-check report and budget
+
+def _writer(tmp_path, cells: int):
+    from scarlet_deploy.runtime import gpu_check
+
+    header = {"tensorrt": "11.4.0.106", "gpu": {"name": "NVIDIA H200", "compute_capability": "9.0"},
+              "environment": {"date": "today"}, "images": 4, "reference": "PyTorch", "iters": 5}
+    return gpu_check.ReportWriter(tmp_path / "reports" / "gpu-check", header, cells)
+
+
+def _report(tmp_path) -> dict:
+    import json
+
+    return json.loads((tmp_path / "reports" / "gpu-check.json").read_text())
+
+
+def test_gpu_check_writes_each_row_before_a_time_out(tmp_path):
+    """A lent machine kills the command at its time limit: every row finished before stays on disk."""
+    from scarlet_deploy.runtime import gpu_check
+
+    cells = [("scarlet_a", "fp32"), ("scarlet_a", "fp16"), ("scarlet_a", "int8")]
+    writer = _writer(tmp_path, len(cells))
+
+    def work(model, precision):
+        if precision == "fp16":
+            assert [r["precision"] for r in _report(tmp_path)["rows"]] == ["fp32"], "row 1 is on disk before row 2 starts"
+            raise KeyboardInterrupt  # the machine's time limit stops the process here
+        return gpu_check.Row(model, precision, "ok", build_s=1.0, parity={"top1_agreement": 1.0})
+
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.run_rows(cells, work, gpu_check.Deadline(540), writer)
+    data = _report(tmp_path)
+    assert [(r["precision"], r["status"]) for r in data["rows"]] == [("fp32", "ok")] and data["complete"] is False
+    md = (tmp_path / "reports" / "gpu-check.md").read_text()
+    assert "| scarlet_a | fp32 | ok |" in md and "Partial: 1 of 3 rows" in md
+
+
+def test_gpu_check_budget_is_checked_inside_the_work(tmp_path):
+    from scarlet_deploy.runtime import gpu_check
+
+    now = [0.0]
+    deadline = gpu_check.Deadline(100, clock=lambda: now[0])
+    cells = [("scarlet_a", "fp32"), ("scarlet_a", "fp16"), ("scarlet_a", "int8"), ("scarlet_b", "fp32")]
+    writer = _writer(tmp_path, len(cells))
+
+    def work(model, precision):
+        now[0] += 60  # each row's build takes a minute
+        deadline.check(f"timing {model} {precision}")  # as Checker does between its steps
+        if precision == "int8":
+            raise ScarletError("TensorRT could not build it")
+        return gpu_check.Row(model, precision, "ok")
+
+    rows = gpu_check.run_rows(cells, work, deadline, writer)
+    assert [r.status for r in rows] == [
+        "ok", "skipped: over the 100 s budget before timing scarlet_a fp16",
+        "skipped: over the 100 s budget before scarlet_a int8", "skipped: over the 100 s budget before scarlet_b fp32"]
+    assert [r["status"] for r in _report(tmp_path)["rows"]] == [r.status for r in rows]
+    assert writer.finish(seconds=120.0)["complete"] and "Took 120.0 s." in (tmp_path / "reports" / "gpu-check.md").read_text()
+
+
+def test_a_failed_row_does_not_stop_the_others(tmp_path):
+    from scarlet_deploy.runtime import gpu_check
+
+    cells = [("scarlet_a", "int8"), ("scarlet_a", "fp16")]
+
+    def work(model, precision):
+        if precision == "int8":
+            raise ScarletError("TensorRT could not build it.")
+        return gpu_check.Row(model, precision, "ok")
+
+    rows = gpu_check.run_rows(cells, work, gpu_check.Deadline(540), _writer(tmp_path, 2))
+    assert [r.status for r in rows] == ["FAILED: TensorRT could not build it", "ok"]
+
+
+# ----------------------------------------------------------------------------- TensorRT errors per operation
+
+def test_tensorrt_errors_are_collected_per_operation():
+    import threading
+
+    from scarlet_deploy.runtime.runners.trt import ErrorLog
+
+    log = ErrorLog()
+    with log.capture() as parse:
+        log.error("parse: unsupported node")
+    with log.capture() as build:
+        pass
+    assert parse == ["parse: unsupported node"] and build == [], "a later operation never repeats an earlier error"
+    log.error("logged while nothing runs")
+    with log.capture() as outer:
+        with log.capture() as inner:
+            t = threading.Thread(target=log.error, args=("from a TensorRT worker thread",))
+            t.start()
+            t.join()
+    assert outer == inner == ["from a TensorRT worker thread"]
+    assert parse == ["parse: unsupported node"] and build == [], "a finished operation receives nothing more"
+
+
+# ----------------------------------------------------------------------------- doctor
+
+def test_doctor_reports_this_machine_in_seconds_and_exits_0(tmp_path, capsys):
+    import json
+    import time
+
+    from scarlet_deploy.runtime.core.host import cpu_isa
+
+    t0 = time.monotonic()
+    assert cli.main(["doctor", "--build-dir", str(tmp_path / "build"), "--json", str(tmp_path / "d.json")]) == 0
+    assert time.monotonic() - t0 < 60
+    out = capsys.readouterr().out
+    for item in ("python", "packages", "cpu isa", "onnxruntime", "torch", "tensorrt", "cuda-python", "gpu", "memory",
+                 "disk", "tensorrt plans"):
+        assert f"{item}:" in out, item
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert d["cpu"]["isa"] == cpu_isa() and "CPUExecutionProvider" in d["onnxruntime"]["providers"]
+    assert d["packages"]["onnxruntime"] and d["disk"]["free_gb"] > 0 and d["memory"]["available_gb"] > 0
+    assert d["tensorrt_ready"] == (_gpu_missing() is None)
+    assert not (tmp_path / "build").exists()
+
+
+def test_cpu_isa_reads_the_flags(tmp_path):
+    from scarlet_deploy.runtime.core.host import cpu_isa, isa_text
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_vnni amx_tile amx_int8\n")
+    isa = cpu_isa(str(info))
+    assert isa["AVX2"] and isa["AVX-512"] and isa["VNNI"] and isa["AMX"] and isa["AMX-INT8"]
+    assert not isa["BF16"] and not isa["AMX-BF16"]
+    assert isa_text(isa) == "AVX2, AVX-512, VNNI, AMX, AMX-INT8"
+    assert cpu_isa(str(tmp_path / "absent")) is None
 
 
 # ----------------------------------------------------------------------------- GPU
