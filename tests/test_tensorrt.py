@@ -489,6 +489,69 @@ def test_runner_refuses_a_plan_from_another_tensorrt(gpu, lite0_onnx, tmp_path):
         assert runner.manifest["tensorrt"] != "11.0.0.0"
 
 
+@pytest.mark.gpu
+def test_a_failed_graph_capture_is_cleaned_up(gpu, lite0_onnx, tmp_path, monkeypatch):
+    from scarlet_deploy.export.trt_build import build_engine
+
+    plan = tmp_path / "m.fp32.plan"
+    build_engine(EngineConfig(lite0_onnx, "fp32", plan, batch=BatchProfile(1, 1, 2)))
+    with TrtRunner(plan) as runner:
+        enqueue = runner._enqueue
+        cudart = runner._cudart
+
+        def illegal_during_capture(batch, copies):
+            # Synchronising a capturing stream is a CUDA error that invalidates the capture.
+            err, = cudart.cudaStreamSynchronize(runner._stream)
+            if err != cudart.cudaError_t.cudaSuccess:
+                raise ScarletError(f"CUDA error {cudart.cudaGetErrorName(err)[1].decode()}")
+            return enqueue(batch, copies)
+
+        monkeypatch.setattr(runner, "_enqueue", illegal_during_capture)
+        with pytest.raises(ScarletError, match="cannot be captured in a CUDA graph"):
+            runner._capture(1, include_copies=False)
+        monkeypatch.setattr(runner, "_enqueue", enqueue)
+        # capture ended and the graph gone: the stream works, and captures again
+        assert runner.infer(np.zeros((2, 3, 224, 224), np.float32)).shape == (2, 1000)
+        assert len(runner.time(batch=1, iters=3, warmup=1, cuda_graph=True)) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("high", ["fp16", "fp32"])
+def test_int8_engine_parses_builds_runs_and_matches(gpu, lite0_onnx, lite0_trt_qdq, tmp_path, high):
+    from scarlet_deploy.export.fp16 import logit_agreement
+    from scarlet_deploy.export.registry import get_spec
+    from scarlet_deploy.export.trt_build import build_engine
+    from scarlet_deploy.runtime.data.images import fixed_images
+    from scarlet_deploy.runtime.data.preprocess import load_batch
+    from scarlet_deploy.runtime.runners.ort import OrtOptions, OrtRunner
+
+    paths = fixed_images(32)
+    if not paths:
+        pytest.skip("no real images: the shared ImageNet sample is absent (set SCARLET_VAL_DIR)")
+    plan = tmp_path / f"m.int8-{high}.plan"
+    cfg = EngineConfig(lite0_onnx, "int8", plan, int8_onnx=lite0_trt_qdq, batch=BatchProfile(1, 8, 16),
+                       timing_cache=tmp_path / "t.cache", int8_high_precision=high)
+    r = build_engine(cfg)  # parses the Q/DQ ONNX (the FP16-high-precision one by default) and builds
+    net = r.manifest["network"]
+    assert net["qdq_nodes"] > 0 and net["io_float32"] == 1
+    assert (net["float16"] > 0) == (high == "fp16"), net
+    assert r.manifest["request"]["int8_high_precision"] == high
+    assert build_engine(cfg).reused
+    x = load_batch(paths, get_spec("efficientnet_lite0").preprocess)
+    fake_quant = OrtOptions(threads=2, opt_level="disable")  # Q/DQ as float quantise-dequantise
+    with TrtRunner(plan) as runner, OrtRunner(lite0_trt_qdq, options=fake_quant) as qdq_ort, \
+            OrtRunner(lite0_onnx) as fp32_ort:
+        got = runner.infer(x)
+        assert np.isfinite(got).all()
+        vs_qdq = logit_agreement(qdq_ort.infer(x), got)
+        vs_fp32 = logit_agreement(fp32_ort.infer(x), got)
+        # INT8 kernels round differently from onnxruntime's float emulation: judged by top-1, with the
+        # logit error bounded loosely (the emulation itself moves 2-8 % under FP16 rounding alone)
+        assert vs_qdq["top1_agreement"] >= 0.875 and vs_qdq["rel_err_median"] < 0.1, vs_qdq
+        assert vs_fp32["top1_agreement"] >= 0.85, vs_fp32
+        assert len(runner.time(batch=8, iters=10, warmup=2, cuda_graph=True)) == 10
+
+
 def test_gpu_check_images_labels_and_markdown(val_dir):
     from scarlet_deploy.runtime import gpu_check
 
