@@ -363,6 +363,22 @@ def test_gpu_check_budget_is_checked_inside_the_work(tmp_path):
     assert writer.finish(seconds=120.0)["complete"] and "Took 120.0 s." in (tmp_path / "reports" / "gpu-check.md").read_text()
 
 
+def test_gpu_check_stops_a_calibration_at_the_deadline(tmp_path, val_dir):
+    """A calibration cannot be interrupted from inside gpu-check: its child process is stopped at the
+    deadline, and leaves nothing behind."""
+    import time
+
+    from scarlet_deploy.runtime import gpu_check
+    from scarlet_deploy.runtime.core.errors import OutOfTime
+
+    cfg = gpu_check.CheckConfig(tmp_path / "build", tmp_path / "reports" / "gpu-check", val_dir)
+    t0 = time.monotonic()
+    with pytest.raises(OutOfTime, match="while calibrating scarlet_a"):
+        gpu_check.calibrate_within("scarlet_a", cfg, gpu_check.Deadline(3))
+    assert time.monotonic() - t0 < 3 + gpu_check.STOP_GRACE_S + 5
+    assert not list(tmp_path.rglob("*.onnx*")), "a stopped calibration leaves no artifact, whole or partial"
+
+
 def test_a_failed_row_does_not_stop_the_others(tmp_path):
     from scarlet_deploy.runtime import gpu_check
 
