@@ -184,10 +184,10 @@ def test_lite0_qdq_fp16_matches_the_fp32_high_precision_qdq_on_real_images(lite0
         pytest.skip("no real images: the shared ImageNet sample is absent (set SCARLET_VAL_DIR)")
     x = load_batch(paths, get_spec("efficientnet_lite0").preprocess)
     # Fake-quant (what TensorRT's explicit quantization emulates). An INT8 model amplifies any
-    # 1e-3 change in front of a quantizer into whole INT8 steps: rounding only the Q/DQ scales
-    # to FP16 (arithmetic kept FP32) already moved Lite0's logits by 2.3 % median, 7.5 % max on
-    # 64 images; the whole FP16 conversion measured 98.5 % top-1 agreement, 2.8 % median and
-    # 8.5 % max relative logit error on 200 images, the same top-1 (89 %) as FP32 high precision.
+    # 1e-3 change in front of a quantizer into whole INT8 steps: rounding only the Q/DQ scales to
+    # FP16 (arithmetic kept FP32) already moved Lite0's logits 2.3 % median, 7.5 % max on 64
+    # images (a one-off check). `scarlet fp16 --onnx M.int8-trt.onnx --images 200` measured 98.5 %
+    # top-1 agreement, 2.8 % median and 8.5 % max relative logit error, the same top-1 (89 %).
     r = ort_parity(lite0_trt_qdq, lite0_qdq16.output, x, threads=2, fake_quant=True)  # raises on NaN/Inf
     assert r["top1_agreement"] >= 29 / 32, r
     assert r["rel_err_median"] < 5e-2 and r["rel_err_max"] < 0.15, r
