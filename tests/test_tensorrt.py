@@ -578,7 +578,9 @@ def test_gpu_check_images_labels_and_markdown(val_dir):
                         {"b1": {"median_ms": 0.5, "images_per_s": 2000.0}, "b8": {"median_ms": 1.0, "images_per_s": 8000.0}})
     data = {"tensorrt": "11.4.0.106", "gpu": {"name": "NVIDIA H100", "compute_capability": "9.0"},
             "environment": {"date": "today"}, "images": 10, "reference": "PyTorch", "iters": 5, "seconds": 1.0,
-            "rows": [row.__dict__, gpu_check.Row("scarlet_a", "int8", "skipped: no calib").__dict__]}
+            "rows": [row.__dict__, gpu_check.Row("scarlet_a", "int8", "skipped: no calib").__dict__,
+                     gpu_check.Row("scarlet_b", "fp32", "ok", timings={"b1": {"median_ms": 0.4, "cuda_graph": False}}).__dict__]}
     md = gpu_check.markdown(data)
+    assert "Not capturable in a CUDA graph, timed as plain launches: scarlet_b fp32." in md
     assert "| scarlet_a | fp16 | ok | 41.5 | 0.99 | 0.01 | 0.7 | 0.5 | 1 | - | 8000 |" in md
     assert "| scarlet_a | int8 | skipped: no calib |" in md

@@ -34,6 +34,10 @@ NO_GPU = "no CUDA GPU visible"
 PLAN_KIND = "tensorrt-plan"
 
 
+class CaptureError(ScarletError):
+    """An engine that cannot be captured in a CUDA graph (it can still run without one)."""
+
+
 # ----------------------------------------------------------------------------- environment
 
 def import_tensorrt():
@@ -397,7 +401,7 @@ class TrtRunner(Runner):
             if graph is not None and int(graph) != 0:
                 cudart.cudaGraphDestroy(graph)
             cudart.cudaGetLastError()  # capture errors are not sticky: clear them for the next call
-            raise ScarletError(f"{self.path} cannot be captured in a CUDA graph ({why}); time it without --cuda-graph.")
+            raise CaptureError(f"{self.path} cannot be captured in a CUDA graph ({why}); time it without --cuda-graph.")
         return graph, gexec
 
     def timed(self, x: np.ndarray) -> list[float]:
