@@ -506,6 +506,19 @@ def test_runner_refuses_a_plan_from_another_tensorrt(gpu, lite0_onnx, tmp_path):
 
 
 @pytest.mark.gpu
+def test_a_build_past_its_deadline_is_cancelled_and_writes_nothing(gpu, lite0_onnx, tmp_path):
+    import time
+
+    from scarlet_deploy.export.trt_build import build_engine
+    from scarlet_deploy.runtime.core.errors import OutOfTime
+
+    plan = tmp_path / "m.fp32.plan"
+    with pytest.raises(OutOfTime, match="cancelled"):  # TensorRT asks the progress monitor after each step
+        build_engine(EngineConfig(lite0_onnx, "fp32", plan, batch=BatchProfile(1, 1, 2)), deadline=time.monotonic())
+    assert not plan.exists() and not list(tmp_path.glob("m.fp32.plan*"))
+
+
+@pytest.mark.gpu
 def test_a_failed_graph_capture_is_cleaned_up(gpu, lite0_onnx, tmp_path, monkeypatch):
     from scarlet_deploy.export.trt_build import build_engine
 
