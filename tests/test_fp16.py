@@ -191,3 +191,22 @@ def test_lite0_qdq_fp16_matches_the_fp32_high_precision_qdq_on_real_images(lite0
     r = ort_parity(lite0_trt_qdq, lite0_qdq16.output, x, threads=2, fake_quant=True)  # raises on NaN/Inf
     assert r["top1_agreement"] >= 29 / 32, r
     assert r["rel_err_median"] < 5e-2 and r["rel_err_max"] < 0.15, r
+
+
+def test_check_qdq_scales_refuses_a_zero_or_infinite_scale():
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from scarlet_deploy.export.fp16 import check_qdq_scales
+
+    def model(scale: float):
+        inits = [numpy_helper.from_array(np.array(scale, np.float16), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [4])], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+
+    assert check_qdq_scales(model(0.02)) == 1
+    for bad in (0.0, float("inf")):
+        with pytest.raises(ScarletError, match="not positive and finite"):
+            check_qdq_scales(model(bad))
