@@ -60,7 +60,9 @@ def _torch() -> dict[str, Any]:
     out: dict[str, Any] = {"version": torch.__version__, "cuda_build": torch.version.cuda}
     try:
         out["cuda_available"] = bool(torch.cuda.is_available())
-        out["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        out["devices"] = [f"{torch.cuda.get_device_name(i)} (compute capability "
+                          f"{'.'.join(map(str, torch.cuda.get_device_capability(i)))})"
+                          for i in range(torch.cuda.device_count())]
     except Exception as e:  # a broken driver raises from inside torch's CUDA initialisation
         out["cuda_available"], out["error"] = False, f"{type(e).__name__}: {e}"
     return out
