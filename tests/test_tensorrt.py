@@ -452,7 +452,7 @@ def test_cpu_isa_reads_the_flags(tmp_path):
 
 # ----------------------------------------------------------------------------- GPU
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, like the model fixtures, so it skips before they are built
 def gpu():
     missing = _gpu_missing()
     if missing:
