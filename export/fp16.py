@@ -12,9 +12,10 @@ import collections
 import importlib.metadata
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +107,7 @@ def _float_constants(model) -> dict[str, Any]:
     out = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant":
-            out.update({n.output[0]: a.t for a in n.attribute if a.name == "value" and a.HasField("t")})
+            out.update((n.output[0], a.t) for a in n.attribute if a.name == "value" and a.HasField("t"))
     return out
 
 

@@ -63,7 +63,7 @@ def _torch() -> dict[str, Any]:
         out["devices"] = [f"{torch.cuda.get_device_name(i)} (compute capability "
                           f"{'.'.join(map(str, torch.cuda.get_device_capability(i)))})"
                           for i in range(torch.cuda.device_count())]
-    except Exception as e:  # a broken driver raises from inside torch's CUDA initialisation
+    except (RuntimeError, AssertionError) as e:  # what torch's CUDA initialisation raises on a broken driver
         out["cuda_available"], out["error"] = False, f"{type(e).__name__}: {e}"
     return out
 
@@ -121,7 +121,7 @@ def _nvidia_smi() -> dict[str, Any]:
     fields = "index,name,compute_cap,memory.total,memory.free,driver_version"
     try:
         r = subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"], capture_output=True,
-                           text=True, timeout=NVIDIA_SMI_TIMEOUT_S)
+                           text=True, timeout=NVIDIA_SMI_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"error": f"nvidia-smi failed: {e}"}
     if r.returncode != 0:

@@ -407,11 +407,10 @@ def test_tensorrt_errors_are_collected_per_operation():
         pass
     assert parse == ["parse: unsupported node"] and build == [], "a later operation never repeats an earlier error"
     log.error("logged while nothing runs")
-    with log.capture() as outer:
-        with log.capture() as inner:
-            t = threading.Thread(target=log.error, args=("from a TensorRT worker thread",))
-            t.start()
-            t.join()
+    with log.capture() as outer, log.capture() as inner:
+        t = threading.Thread(target=log.error, args=("from a TensorRT worker thread",))
+        t.start()
+        t.join()
     assert outer == inner == ["from a TensorRT worker thread"]
     assert parse == ["parse: unsupported node"] and build == [], "a finished operation receives nothing more"
 
