@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from scarlet_deploy.runtime.core.errors import ScarletError
+
 
 def register(sub) -> None:
     p = sub.add_parser("engine", help="build a TensorRT 11 plan (fp32/fp16/int8) from the exported ONNX (needs an NVIDIA GPU)",
@@ -17,6 +19,10 @@ def register(sub) -> None:
     p.add_argument("--onnx", required=True, type=Path, help="exported FP32 ONNX (build/MODEL.onnx)")
     p.add_argument("--precision", required=True, choices=("fp32", "fp16", "int8"))
     p.add_argument("--int8-onnx", type=Path, help="TensorRT Q/DQ ONNX (default: MODEL.int8-trt.onnx beside --onnx)")
+    p.add_argument("--int8-high-precision", choices=("fp16", "fp32"), default="fp16",
+                   help="type of the layers an INT8 plan does not quantize (h-sigmoid, SE, pooling, layers kept in float): "
+                        "fp16 (default, as NVIDIA ModelOpt writes; converted to MODEL.int8-trt.fp16.onnx and checked on CPU) "
+                        "or fp32")
     p.add_argument("--batch", default="1,8,32", help="optimisation profile MIN,OPT,MAX batch sizes, or one fixed size (default 1,8,32)")
     p.add_argument("--workspace", type=float, metavar="GB", help="builder workspace limit in GB (default: TensorRT's, the device memory)")
     p.add_argument("--timing-cache", type=Path, metavar="FILE", help="timing cache reused between builds (default: timing.cache beside the plan)")
@@ -24,7 +30,8 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, type=Path, help="plan to write (MODEL.PRECISION.plan)")
     p.set_defaults(func=run_engine)
 
-    f = sub.add_parser("fp16", help="convert an exported ONNX to FP16 (float32 I/O, reductions in float32); runs on CPU")
+    f = sub.add_parser("fp16", help="convert an exported ONNX to FP16 (float32 I/O, reductions in float32), or the float "
+                                    "parts of a TensorRT Q/DQ ONNX (what INT8 plans build from); runs on CPU")
     f.add_argument("--onnx", required=True, type=Path)
     f.add_argument("-o", "--output", type=Path, help="default: MODEL.fp16.onnx beside --onnx")
     f.add_argument("--images", type=int, default=16, help="real images to compare FP16 vs FP32 on onnxruntime CPU (0: skip)")
@@ -37,7 +44,7 @@ def run_engine(args) -> int:
 
     cfg = EngineConfig(onnx=args.onnx, precision=args.precision, output=args.output, int8_onnx=args.int8_onnx,
                        batch=BatchProfile.parse(args.batch), workspace_gb=args.workspace,
-                       timing_cache=args.timing_cache, rebuild=args.rebuild)
+                       timing_cache=args.timing_cache, rebuild=args.rebuild, int8_high_precision=args.int8_high_precision)
     r = build_engine(cfg)
     m = r.manifest
     state = "up to date" if r.reused else f"built in {r.seconds:.1f} s"
@@ -47,8 +54,14 @@ def run_engine(args) -> int:
 
 
 def run_fp16(args) -> int:
-    from scarlet_deploy.export.fp16 import Fp16Config, convert_to_fp16, report_dict
+    import onnx
 
-    r = convert_to_fp16(Fp16Config(onnx=args.onnx, output=args.output, parity_images=args.images, force=args.force))
+    from scarlet_deploy.export.fp16 import Fp16Config, convert_qdq_to_fp16, convert_to_fp16, report_dict, type_summary
+
+    if not args.onnx.is_file():
+        raise ScarletError(f"ONNX model {args.onnx} does not exist; create it with `scarlet export` (or `make export`).")
+    qdq = type_summary(onnx.load(str(args.onnx), load_external_data=False))["qdq_nodes"] > 0
+    convert = convert_qdq_to_fp16 if qdq else convert_to_fp16  # a Q/DQ ONNX: its float parts, as INT8 plans use it
+    r = convert(Fp16Config(onnx=args.onnx, output=args.output, parity_images=args.images, force=args.force))
     print(json.dumps(report_dict(r), indent=2))
     return 0

@@ -106,3 +106,26 @@ def load_text(load: dict[str, float] | None) -> str:
     if load["other_processes_pct"] + load["steal_pct"] > LOAD_WARN_PCT:
         text += " **Over 5 %: these numbers are suspect; rerun on an idle machine.**"
     return text
+
+
+# What decides which CPU kernels onnxruntime and torch can use: 8-bit dot products (VNNI,
+# AMX-INT8) for INT8, BF16 instructions for BF16, AVX-512 / AVX2 for everything else.
+ISA_FLAGS = {"AVX2": ("avx2",), "AVX-512": ("avx512f",), "VNNI": ("avx512_vnni", "avx_vnni"),
+             "BF16": ("avx512_bf16", "avx_ne_convert"), "AMX": ("amx_tile",), "AMX-INT8": ("amx_int8",),
+             "AMX-BF16": ("amx_bf16",)}
+
+
+def cpu_isa(cpuinfo: str = "/proc/cpuinfo") -> dict[str, bool] | None:
+    """Which of ISA_FLAGS this CPU has (None: no /proc/cpuinfo to read)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = set(next((ln for ln in f if ln.startswith("flags")), "").split(":", 1)[-1].split())
+    except OSError:
+        return None
+    return {name: any(f in flags for f in names) for name, names in ISA_FLAGS.items()}
+
+
+def isa_text(isa: dict[str, bool] | None) -> str:
+    if isa is None:
+        return "unknown (no /proc/cpuinfo)"
+    return ", ".join(name for name, has in isa.items() if has) or "none of " + ", ".join(isa)
