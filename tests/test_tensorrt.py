@@ -438,15 +438,15 @@ def test_doctor_reports_this_machine_in_seconds_and_exits_0(tmp_path, capsys):
 
 
 def test_cpu_isa_reads_the_flags(tmp_path):
-    from scarlet_deploy.runtime.core.host import cpu_isa, isa_text
+    from scarlet_deploy.runtime.core.host import cpu_flags, cpu_isa, isa_text
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_vnni amx_tile amx_int8\n")
-    isa = cpu_isa(str(info))
+    isa = cpu_isa(cpu_flags(str(info)))
     assert isa["AVX2"] and isa["AVX-512"] and isa["VNNI"] and isa["AMX"] and isa["AMX-INT8"]
     assert not isa["BF16"] and not isa["AMX-BF16"]
     assert isa_text(isa) == "AVX2, AVX-512, VNNI, AMX, AMX-INT8"
-    assert cpu_isa(str(tmp_path / "absent")) is None
+    assert cpu_isa(cpu_flags(str(tmp_path / "absent"))) is None and isa_text(None).startswith("unknown")
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -25,42 +25,6 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-# /proc/cpuinfo flag -> what we call it. INT8 speed on CPUs hinges on VNNI (one instruction per
-# 4-way u8 x s8 dot product); without it MLAS saturates 16-bit pair sums (see calib.qdq).
-ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
-             ("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8"))
-
-
-@lru_cache(maxsize=1)
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_isa(flags: frozenset[str] | None = None) -> dict[str, bool]:
-    """Which of the ISA extensions that decide our speed figures this CPU reports."""
-    flags = cpu_flags() if flags is None else flags
-    return {name: flag in flags for flag, name in ISA_FLAGS}
-
-
-def isa_text(isa: dict[str, bool] | None = None) -> str:
-    """'AVX2, AVX-512, AVX-512 VNNI' - the ISA a speed figure was measured on, for every report."""
-    isa = cpu_isa() if isa is None else isa
-    present = [name for name, ok in isa.items() if ok]
-    return ", ".join(present) if present else "no AVX2 (scalar/SSE kernels)"
-
-
-def has_vnni(flags: frozenset[str] | None = None) -> bool:
-    isa = cpu_isa(flags)
-    return isa["AVX-512 VNNI"] or isa["AVX-VNNI"] or isa["AMX-INT8"]
-
-
 @dataclass(frozen=True)
 class CpuTimes:
     """CPU seconds since boot: busy on the whole machine (/proc/stat), stolen by the hypervisor,
@@ -108,24 +72,41 @@ def load_text(load: dict[str, float] | None) -> str:
     return text
 
 
-# What decides which CPU kernels onnxruntime and torch can use: 8-bit dot products (VNNI,
-# AMX-INT8) for INT8, BF16 instructions for BF16, AVX-512 / AVX2 for everything else.
+# What decides which CPU kernels onnxruntime, OpenVINO and torch can use: 8-bit dot products
+# (VNNI, AMX-INT8) for INT8 (without them MLAS saturates 16-bit pair sums, see calib.qdq), BF16
+# dot products for bf16, AVX-512 / AVX2 for everything else. Name -> /proc/cpuinfo flags.
 ISA_FLAGS = {"AVX2": ("avx2",), "AVX-512": ("avx512f",), "VNNI": ("avx512_vnni", "avx_vnni"),
-             "BF16": ("avx512_bf16", "avx_ne_convert"), "AMX": ("amx_tile",), "AMX-INT8": ("amx_int8",),
+             "BF16": ("avx512_bf16",), "AMX": ("amx_tile",), "AMX-INT8": ("amx_int8",),
              "AMX-BF16": ("amx_bf16",)}
+HOST = object()  # cpu_isa's default: this machine's flags
 
 
-def cpu_isa(cpuinfo: str = "/proc/cpuinfo") -> dict[str, bool] | None:
-    """Which of ISA_FLAGS this CPU has (None: no /proc/cpuinfo to read)."""
+@lru_cache(maxsize=4)
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The CPU's feature flags (None: no /proc/cpuinfo to read)."""
     try:
         with open(cpuinfo) as f:
-            flags = set(next((ln for ln in f if ln.startswith("flags")), "").split(":", 1)[-1].split())
+            return frozenset(next((ln for ln in f if ln.startswith("flags")), "").split(":", 1)[-1].split())
     except OSError:
+        return None
+
+
+def cpu_isa(flags: frozenset[str] | None | object = HOST) -> dict[str, bool] | None:
+    """Which of ISA_FLAGS the CPU has (None: unknown)."""
+    flags = cpu_flags() if flags is HOST else flags
+    if flags is None:
         return None
     return {name: any(f in flags for f in names) for name, names in ISA_FLAGS.items()}
 
 
-def isa_text(isa: dict[str, bool] | None) -> str:
+def isa_text(isa: dict[str, bool] | None | object = HOST) -> str:
+    """'AVX2, AVX-512, VNNI': the ISA a speed figure was measured on, for every report."""
+    isa = cpu_isa() if isa is HOST else isa
     if isa is None:
         return "unknown (no /proc/cpuinfo)"
     return ", ".join(name for name, has in isa.items() if has) or "none of " + ", ".join(isa)
+
+
+def has_vnni(flags: frozenset[str] | None | object = HOST) -> bool:
+    isa = cpu_isa(flags)
+    return bool(isa) and (isa["VNNI"] or isa["AMX-INT8"])
