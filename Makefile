@@ -18,7 +18,7 @@ ckpt_arg  = $(if $(CKPT),--checkpoint $(CKPT))
 val_arg   = $(if $(VAL_DIR),--val-dir $(VAL_DIR))
 limit_arg = $(if $(LIMIT),--limit $(LIMIT))
 
-.PHONY: setup export verify calib engine bench gpu-check test test-fast clean
+.PHONY: setup export verify calib engine bench gpu-check doctor test test-fast clean
 
 setup: $(STAMP)
 
@@ -56,9 +56,16 @@ bench: setup
 	$(SCARLET) bench --tune --build-dir $(BUILD) --reports-dir $(REPORTS) --json $(REPORTS)/bench.json \
 	  --markdown $(REPORTS)/bench.md --plot $(REPORTS)/bench.png $(BENCH_ARGS)
 
-## make gpu-check: TensorRT fp32/fp16/int8 engines for every model, verified and benchmarked
+## make gpu-check [MODELS="scarlet_a ..."] [PRECISIONS="fp16 int8"] [BUDGET=540]: TensorRT plans per model
+## (default: every model and precision), verified and benchmarked; the report is written row by row
 gpu-check: setup
-	$(BIN)/python -m scarlet_deploy.runtime.gpu_check --build-dir $(BUILD) $(val_arg) --report $(REPORTS)/gpu-check
+	$(SCARLET) gpu-check --build-dir $(BUILD) $(val_arg) --report $(REPORTS)/gpu-check \
+	  $(if $(filter command line environment,$(origin MODELS)),--models $(MODELS)) \
+	  $(if $(PRECISIONS),--precisions $(PRECISIONS)) $(if $(BUDGET),--budget $(BUDGET))
+
+## make doctor: what this machine can run (packages, CPU ISA, torch CUDA, TensorRT, GPUs, memory, disk)
+doctor: setup
+	$(SCARLET) doctor --build-dir $(BUILD)
 
 ## make test: the suite CI runs (slow checks included, GPU checks skip on CPU)
 test: setup

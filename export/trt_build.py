@@ -26,18 +26,26 @@ from scarlet_deploy.runtime.core.artifacts import (
     write_bytes_atomic,
     write_manifest,
 )
-from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.errors import OutOfTime, ScarletError
 from scarlet_deploy.runtime.runners.trt import (
+    ERRORS,
     PLAN_KIND,
     RuntimeInfo,
-    _logger,
     check_plan,
+    explain,
     import_tensorrt,
     plan_compatibility,
     require_gpu,
+    trt_logger,
 )
 
+from .fp16 import Fp16Config, convert_qdq_to_fp16, convert_to_fp16, type_summary
+
 PRECISIONS = ("fp32", "fp16", "int8")
+# The type of what runs outside the quantized layers of an INT8 plan (TensorRT 11 runs the
+# types the ONNX declares). fp16 is what NVIDIA's ModelOpt writes by default
+# (high_precision_dtype='fp16'); fp32 keeps the calibrated Q/DQ ONNX as it is.
+HIGH_PRECISIONS = ("fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,7 @@ class EngineConfig:
     workspace_gb: float | None = None  # None: TensorRT's default (the device's memory)
     timing_cache: Path | None = None  # None: build dir/timing.cache
     rebuild: bool = False
+    int8_high_precision: str = "fp16"  # one of HIGH_PRECISIONS; INT8 only
 
 
 @dataclass
@@ -173,6 +182,7 @@ def _request(cfg: EngineConfig) -> dict[str, Any]:
         "int8_onnx_sha256": sha256_file(int8) if cfg.precision == "int8" else None,
         "batch": [cfg.batch.min, cfg.batch.opt, cfg.batch.max],
         "workspace_gb": cfg.workspace_gb,
+        "int8_high_precision": cfg.int8_high_precision if cfg.precision == "int8" else None,
     }
 
 
@@ -196,10 +206,9 @@ def validate(cfg: EngineConfig) -> None:
     if not Path(cfg.onnx).is_file():
         raise ScarletError(f"ONNX model {cfg.onnx} does not exist; create it with `scarlet export` (or `make export`).")
     if cfg.precision == "int8":
-        int8 = cfg.int8_onnx or int8_onnx_path(cfg.onnx)
-        if not Path(int8).is_file():
-            raise ScarletError(f"INT8 needs the TensorRT Q/DQ ONNX {int8}; make it with "
-                               f"`scarlet calibrate --target trt` (or `make calib`), or pass --int8-onnx.")
+        check_int8_onnx(cfg.int8_onnx or int8_onnx_path(cfg.onnx), cfg.onnx)
+        if cfg.int8_high_precision not in HIGH_PRECISIONS:
+            raise ScarletError(f"--int8-high-precision {cfg.int8_high_precision!r}: choose one of {', '.join(HIGH_PRECISIONS)}.")
     elif cfg.int8_onnx:
         raise ScarletError("--int8-onnx applies to --precision int8 only.")
     if cfg.workspace_gb is not None and cfg.workspace_gb <= 0:
@@ -207,16 +216,38 @@ def validate(cfg: EngineConfig) -> None:
     cfg.batch.fit_to(onnx_io(cfg.onnx)[1])
 
 
+def check_int8_onnx(int8: str | os.PathLike, onnx_path: str | os.PathLike) -> dict[str, Any]:
+    """The Q/DQ ONNX's manifest when it is the TensorRT-target calibration of exactly this ONNX;
+    otherwise a ScarletError saying how to remake it. Reads files only: no TensorRT needed."""
+    int8 = Path(int8)
+    remake = (f"`scarlet calibrate --onnx {onnx_path} --images DIR --target trt -o {int8}` (or `make calib`), "
+              "or pass --int8-onnx with a current one")
+    if not int8.is_file():
+        raise ScarletError(f"INT8 needs the TensorRT Q/DQ ONNX {int8}; make it with {remake}.")
+    m = read_manifest(int8)
+    if m is None:
+        raise ScarletError(f"{int8} has no manifest, so nothing says which ONNX it was calibrated from; "
+                           f"recalibrate with {remake}.")
+    if m.get("target") != "trt":
+        raise ScarletError(f"{int8} was calibrated for target {m.get('target')!r}, not TensorRT (symmetric INT8, "
+                           f"Q/DQ where TensorRT fuses); recalibrate with {remake}.")
+    if m.get("source_onnx_sha256") != sha256_file(onnx_path):
+        raise ScarletError(f"{int8} is stale: it was calibrated from an ONNX with sha256 "
+                           f"{str(m.get('source_onnx_sha256'))[:12]}..., not from {onnx_path} as it is now "
+                           f"({sha256_file(onnx_path)[:12]}...); recalibrate with {remake}.")
+    return m
+
+
 def build_onnx(cfg: EngineConfig) -> Path:
     """The ONNX whose tensor types give the requested precision (FP16 converted here), checked."""
     import onnx
-
-    from scarlet_deploy.export.fp16 import Fp16Config, convert_to_fp16, type_summary
 
     if cfg.precision == "fp16":
         src = convert_to_fp16(Fp16Config(cfg.onnx)).output
     elif cfg.precision == "int8":
         src = Path(cfg.int8_onnx or int8_onnx_path(cfg.onnx))
+        if cfg.int8_high_precision == "fp16":
+            src = convert_qdq_to_fp16(Fp16Config(src)).output
     else:
         src = Path(cfg.onnx)
     check_precision(type_summary(onnx.load(str(src), load_external_data=False)), cfg.precision, f"ONNX {src}")
@@ -248,8 +279,32 @@ def parser_errors(parser) -> str:
     return "; ".join(lines) or "no details"
 
 
-def build_engine(cfg: EngineConfig, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> EngineReport:
-    """Build (or reuse an up-to-date) plan + manifest for cfg; never a silently different precision."""
+def _deadline_monitor(trt, deadline: float):
+    """A TensorRT progress monitor that cancels the build once time.monotonic() passes `deadline`."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def step_complete(self, phase_name, step):
+            return time.monotonic() < deadline  # False asks TensorRT to cancel the build
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Monitor()
+
+
+def build_engine(cfg: EngineConfig, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                 deadline: float | None = None) -> EngineReport:
+    """Build (or reuse an up-to-date) plan + manifest for cfg; never a silently different precision.
+
+    `deadline` (a time.monotonic() value): TensorRT cancels the build when it passes, and
+    nothing is written.
+    """
     validate(cfg)
     current = require_gpu()
     request = _request(cfg)
@@ -263,14 +318,17 @@ def build_engine(cfg: EngineConfig, progress: Callable[[str], None] = lambda s: 
     trt = import_tensorrt()
     src = build_onnx(cfg)
     input_name, _, chw = onnx_io(src)
-    log = _logger(trt)
+    log = trt_logger(trt)
     t0 = time.perf_counter()
     builder = trt.Builder(log)
     network = builder.create_network(0)  # TensorRT 11: always strongly typed
     parser = trt.OnnxParser(network, log)
     progress(f"parsing {src}")
-    if not parser.parse_from_file(str(src)):
-        raise ScarletError(f"TensorRT's ONNX parser rejected {src}: {parser_errors(parser)}.")
+    with ERRORS.capture() as errors:
+        parsed = parser.parse_from_file(str(src))
+    if not parsed:
+        raise ScarletError(f"TensorRT's ONNX parser rejected {src}: {parser_errors(parser)} "
+                           f"(TensorRT: {explain(errors, 'nothing logged')}).")
     summary = network_summary(trt, network)
     check_precision(summary, cfg.precision, "the parsed TensorRT network")
 
@@ -293,10 +351,16 @@ def build_engine(cfg: EngineConfig, progress: Callable[[str], None] = lambda s: 
         cache_bytes, cache = b"", config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
 
+    if deadline is not None:
+        config.progress_monitor = _deadline_monitor(trt, deadline)
     progress(f"building {cfg.precision} engine for {src.name} (batch {b}); this takes a minute or two")
-    plan_mem = builder.build_serialized_network(network, config)
+    with ERRORS.capture() as errors:
+        plan_mem = builder.build_serialized_network(network, config)
     if plan_mem is None:
-        raise ScarletError(f"TensorRT could not build {cfg.output}: {'; '.join(log.errors) or 'see the log above'}.")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise OutOfTime(f"the build of {cfg.output} was cancelled after {time.perf_counter() - t0:.0f} s: "
+                            "the time budget ran out; nothing was written")
+        raise ScarletError(f"TensorRT could not build {cfg.output}: {explain(errors)}.")
     seconds = time.perf_counter() - t0
     with atomic_path(cfg.output) as tmp:
         with open(tmp, "wb") as f:
@@ -339,7 +403,8 @@ def config_from_manifest(plan: str | os.PathLike, manifest: dict[str, Any]) -> E
         raise ScarletError(f"{plan}'s manifest does not say which ONNX it came from; rebuild it with `scarlet engine`.")
     return EngineConfig(onnx=Path(req["onnx"]), precision=req["precision"], output=Path(plan),
                         int8_onnx=Path(req["int8_onnx"]) if req.get("int8_onnx") else None,
-                        batch=BatchProfile(*req["batch"]), workspace_gb=req.get("workspace_gb"), rebuild=True)
+                        batch=BatchProfile(*req["batch"]), workspace_gb=req.get("workspace_gb"), rebuild=True,
+                        int8_high_precision=req.get("int8_high_precision") or "fp16")
 
 
 def report_dict(r: EngineReport) -> dict[str, Any]:

@@ -97,3 +97,22 @@ def lite0_reference(val_files, loaded_model) -> tuple[np.ndarray, np.ndarray, np
     with torch.inference_mode():
         logits = np.concatenate([model(torch.from_numpy(x[i:i + 100])).numpy() for i in range(0, len(x), 100)])
     return x, logits, np.array([wnid_to_index()[f.parent.name] for f in val_files])
+
+
+@pytest.fixture(scope="session")
+def lite0_trt_qdq(lite0_onnx, val_files, tmp_path_factory) -> Path:
+    """Lite0's TensorRT-target Q/DQ ONNX (minmax ranges from 32 real images, every layer INT8) with
+    the manifest fields `scarlet calibrate` writes: seconds instead of the calibration search."""
+    from scarlet_deploy.calib import qdq, ranges, stats
+    from scarlet_deploy.runtime.core.artifacts import sha256_file, write_manifest
+
+    spec = get_spec("efficientnet_lite0")
+    x = load_batch(val_files[3::max(len(val_files) // 32, 1)][:32], spec.preprocess)  # offset 3: not fixed_images'
+    target = qdq.get_target("trt")
+    out = tmp_path_factory.mktemp("qdq") / "efficientnet_lite0.int8-trt.onnx"
+    qdq.quantize(lite0_onnx, ranges.compute_ranges(stats.collect(lite0_onnx, x, batch=8, threads=2), "minmax",
+                                                   target.symmetric), target, out)
+    write_manifest(out, {"model": "efficientnet_lite0", "precision": "int8", "target": "trt", "format": "onnx-qdq",
+                         "method": "minmax", "source_onnx": str(lite0_onnx),
+                         "source_onnx_sha256": sha256_file(lite0_onnx), "sha256": sha256_file(out)})
+    return out

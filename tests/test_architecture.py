@@ -162,3 +162,21 @@ def test_installed_under_one_namespace():
     import scarlet_deploy.runtime.cli as cli
 
     assert Path(cli.__file__).resolve() == ROOT / "runtime" / "cli.py"
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_one_namespace(tmp_path):
+    """What `pip wheel .` ships: everything under scarlet_deploy/, no generic top-level names."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+                    str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("scarlet_deploy-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {NS}, top
+    assert f"{NS}/runtime/cli.py" in names and f"{NS}/export/scarlet.py" in names and f"{NS}/calib/qdq.py" in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "scarlet = scarlet_deploy.runtime.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

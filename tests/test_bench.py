@@ -98,11 +98,33 @@ def test_macs_missing_file_is_a_clear_error(tmp_path):
         count_macs(tmp_path / "nope.onnx")
 
 
-def test_peak_is_positive_and_described():
+@pytest.mark.parametrize("kind, op", [("fp32", "MatMul float32"), ("int8", "MatMulInteger uint8 x int8")])
+def test_peak_runs_onnxruntime_gemm_kernels(kind, op):
     from scarlet_deploy.runtime.peak import measure_peak
 
-    p = measure_peak(seconds=0.01, n=128, threads=1)
-    assert p.gflops > 0 and p.threads == 1 and "128x128" in p.method
+    p = measure_peak(kind, seconds=0.01, n=128, threads=1)
+    assert p.gops > 0 and p.threads == 1 and p.kind == kind
+    assert f"onnxruntime {op} 128x128x128" in p.method
+
+
+def test_share_of_peak_is_never_above_100_percent():
+    from scarlet_deploy.runtime.peak import Peak, peak_kind, share_of_peak
+
+    peak = Peak(50.0, "fp32", 8, 1, 0.1, "fake")
+    assert share_of_peak(25.0, peak) == pytest.approx(50.0)
+    assert share_of_peak(50.0, peak) == pytest.approx(100.0)
+    assert share_of_peak(60.0, peak) is None  # faster than the "peak": the yardstick is wrong
+    assert share_of_peak(1.0, None) is None
+    assert [peak_kind(b) for b in ("torch", "ort", "ort-int8", "trt-fp16")] == ["fp32", "fp32", "int8", None]
+
+
+def test_isa_names_what_the_cpu_reports():
+    from scarlet_deploy.runtime.core.host import cpu_isa, has_vnni, isa_text
+
+    avx2 = frozenset({"avx2", "fma"})
+    assert isa_text(cpu_isa(avx2)) == "AVX2" and not has_vnni(avx2)
+    zen = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
+    assert isa_text(cpu_isa(zen)) == "AVX2, AVX-512, VNNI, BF16" and has_vnni(zen)
 
 
 # ---------------------------------------------------------------- statistics
@@ -178,8 +200,10 @@ def tiny_run(tiny_build, tmp_path_factory):
                             reports_dir=tmp_path_factory.mktemp("reports"))
     from scarlet_deploy.runtime.peak import Peak
 
-    samples = iter([20.0, 50.0])  # busy at the start, idle after the model: the best sample counts
-    mp.setattr("scarlet_deploy.runtime.peak.measure_peak", lambda seconds, threads: Peak(next(samples), 8, threads, seconds, "fake"))
+    # busy at the start, idle after the model: the best sample counts
+    samples = {"fp32": iter([20.0, 50.0]), "int8": iter([30.0, 40.0])}
+    mp.setattr(brun, "measure_peak",
+               lambda kind, seconds, threads: Peak(next(samples[kind]), kind, 8, threads, seconds, "fake"))
     try:
         yield brun.run_bench(cfg)
     finally:
@@ -201,14 +225,15 @@ def test_run_rows_carry_ratios_work_and_sizes(tiny_run):
     for r in tiny_run["results"]:
         assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
         assert len(r["throughput_rounds"]) == 2
-        assert r["gflops"] == pytest.approx(2 * macs * r["throughput"] / 1e9)
-        assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / 50.0)
+        assert r["gops"] == pytest.approx(2 * macs * r["throughput"] / 1e9)
+        assert r["peak_kind"] == "fp32" and r["pct_peak"] == pytest.approx(100 * r["gops"] / 50.0)
         assert r["size_mb"] > 0
         if r["backend"] == "torch":
             assert r["vs_torch"] == {"median": 1.0, "low": 1.0, "high": 1.0}
         lo, med, hi = r["vs_ort"]["low"], r["vs_ort"]["median"], r["vs_ort"]["high"]
         assert lo <= med <= hi
-    assert tiny_run["peak"]["gflops"] == 50.0 and tiny_run["peak"]["samples_gflops"] == [20.0, 50.0]
+    assert tiny_run["peak"]["fp32"]["gops"] == 50.0 and tiny_run["peak"]["fp32"]["samples_gops"] == [20.0, 50.0]
+    assert tiny_run["peak"]["int8"]["gops"] == 40.0 and tiny_run["peak_invalid"] == []
     json.dumps(tiny_run)  # the JSON report must serialise as is
 
 
@@ -220,6 +245,17 @@ def test_markdown_table_has_one_row_per_measurement(tiny_run):
     assert all(ln.count("|") == len(breport.TABLE_HEADERS) + 1 for ln in table)
     assert tiny_run["environment"]["date"] in md and "Not measured:" in md
     assert "| scarlet_a | ORT FP32 | 2 |" in md
+    assert "Machine peaks: FP32 50 GOP/s" in md and "INT8 40 GOP/s" in md
+    assert f"CPU ISA: {tiny_run['environment']['machine']['isa']}" in md
+
+
+def test_a_backend_faster_than_its_peak_gets_no_share_and_a_note(tiny_run):
+    data = {**tiny_run, "results": [{**r, "pct_peak": None} for r in tiny_run["results"]],
+            "peak_invalid": ["scarlet_a ort"]}
+    md = breport.render_markdown(data)
+    assert "No % peak for scarlet_a ort: they ran faster than the measured peak" in md
+    rows = [ln.split(" | ") for ln in md.splitlines() if ln.startswith("| scarlet_a")]
+    assert rows and all(cells[breport.TABLE_HEADERS.index("% peak")] == "-" for cells in rows)
 
 
 def test_plot_writes_a_png(tiny_run, tmp_path):

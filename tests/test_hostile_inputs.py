@@ -328,7 +328,7 @@ def test_wrong_or_unreadable_onnx_is_one_sentence(files, tmp_path, capsys, bad, 
         "verify": ["verify", "--model", "efficientnet_lite0", "--onnx", path, "--val-dir", files["images"], "--workers", "0", "--quiet"],
         "calibrate": ["calibrate", "--onnx", path, "--model", "efficientnet_lite0", "--images", files["images"], "--num-images", "2",
                       "-o", tmp_path / "q.onnx"],
-        "fp16": ["fp16", "--onnx", path, "-o", tmp_path / "q.onnx", "--images", "0"],
+        "fp16": ["fp16", "--onnx", path, "-o", tmp_path / "q.onnx", "--images", "2"],  # images: the input must take them
         "profile": ["profile", "--onnx", path, "--batch", "1", "--runs", "1"],
         "bench": ["bench", "--models", "efficientnet_lite0", "--backends", "ort", "--build-dir", tmp_path / "b", "--no-memory",
                   "--repeats", "1", "--seconds", "0.01"],

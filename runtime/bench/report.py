@@ -4,6 +4,7 @@ from typing import Any
 
 from scarlet_deploy.runtime.bench.plan import BACKEND_LABELS
 from scarlet_deploy.runtime.core.host import load_text
+from scarlet_deploy.runtime.core.report import markdown_table
 from scarlet_deploy.runtime.measure import Ratio
 
 
@@ -15,17 +16,26 @@ def _num(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+
+def _pct_peak(r: dict[str, Any]) -> str:
+    return f"{_num(r['pct_peak'])} {r['peak_kind'].upper()}" if r.get("pct_peak") is not None else "-"
+
+
+def peak_text(peaks: dict[str, dict[str, Any]]) -> str:
+    parts = [f"{k.upper()} {p['gops']:.0f} GOP/s ({p['method']}, {p['threads']} threads)" for k, p in peaks.items()]
+    n = len(next(iter(peaks.values()))["samples_gops"]) if peaks else 0
+    return f"Machine peaks: {'; '.join(parts)}; best of {n} samples taken before and after each model."
+
+
 TABLE_HEADERS = ("Model", "Backend", "Batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "spread",
-                 "x PyTorch", "x ORT FP32", "GFLOP/s", "% peak", "Mem MB", "File MB")
+                 "x PyTorch", "x ORT FP32", "GOP/s", "% peak", "Mem MB", "File MB")
 
 
 def render_markdown(data: dict[str, Any]) -> str:
-    from scarlet_deploy.runtime.core.report import markdown_table
-
     env, peak, st = data["environment"], data["peak"], data["settings"]
     rows = [(r["model"], BACKEND_LABELS.get(r["backend"], r["backend"]), r["batch"], _num(r["p50_ms"], 2),
              _num(r["p90_ms"], 2), _num(r["p99_ms"], 2), _num(r["throughput"]), f"{r['spread_pct']:.0f}%",
-             _ratio_text(r.get("vs_torch")), _ratio_text(r.get("vs_ort")), _num(r["gflops"]), _num(r["pct_peak"]),
+             _ratio_text(r.get("vs_torch")), _ratio_text(r.get("vs_ort")), _num(r["gops"]), _pct_peak(r),
              _num(r["mem_mb"], 0), _num(r["size_mb"]))
             for r in data["results"]]
     lines = [
@@ -34,21 +44,24 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"Measured {env['date']} on {env['machine']['cpu']} ({env['machine']['logical_cpus']} logical CPUs) by "
         f"`scarlet bench`; {data['config']['repeats']} interleaved rounds of ~{data['config']['seconds']:g} s per "
         f"backend after warm-up, whole run {data['elapsed_s']:.0f} s. {load_text(data.get('machine_load'))}",
-        f"Machine peak: {peak['gflops']:.1f} GFLOP/s ({peak['method']}, {peak['threads']} threads; best of "
-        f"{len(peak['samples_gflops'])} samples taken before and after each model).",
+        f"CPU ISA: {env['machine'].get('isa', 'not recorded')}. " + peak_text(peak),
         f"PyTorch eager: {st['torch']['mode']}, {st['torch']['threads']} threads, "
         f"channels_last {'on' if st['torch']['channels_last'] else 'off'}. onnxruntime (CPU): {_ort_text(st['ort'])}.",
         "",
         markdown_table(TABLE_HEADERS, rows).rstrip(),
         "",
         "img/s: median of the rounds; spread: (max - min) / median over rounds. Speed-ups: images/s paired round by "
-        "round, median (min-max); at batch 1 that is the mean-latency ratio. GFLOP/s = 2 x MACs/image x img/s. "
+        "round, median (min-max); at batch 1 that is the mean-latency ratio. GOP/s = 2 x MACs/image x img/s; "
+        "% peak: share of the FP32 peak for float backends, of the INT8 peak for INT8 ones (none for GPU backends). "
         "Mem MB: peak RSS growth of a fresh process loading that backend and running batches up to this one "
         "(weights, arenas, activations; not library code, not GPU memory). File MB: the artifact run "
         "(PyTorch: state_dict bytes).",
         "",
         "Work per image: " + ", ".join(f"{m} {v['macs']['macs'] / 1e6:.0f}M MACs" for m, v in data["models"].items()) + ".",
     ]
+    if data.get("peak_invalid"):
+        lines += ["", "No % peak for " + ", ".join(data["peak_invalid"]) + ": they ran faster than the measured peak, "
+                  "so that peak is not this CPU's ceiling."]
     skipped = skipped_lines(data)
     if skipped:
         lines += ["", "Not measured:"] + skipped

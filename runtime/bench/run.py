@@ -11,8 +11,9 @@ How a number is made (also written into every report):
 - Memory: a fresh subprocess per backend imports the library, resets its high-water mark
   (/proc/self/clear_refs), loads the model, runs each batch; peak RSS growth (VmHWM - RSS after
   import) is reported: weights + arenas + activations, not the library's code. GPU memory is not.
-- Work: MACs per image from the ONNX graph (runtime.flops); achieved GFLOP/s = 2 * MACs *
-  images/s, against this machine's measured float32 matmul peak (runtime.peak).
+- Work: MACs per image from the ONNX graph (runtime.flops); achieved GOP/s = 2 * MACs *
+  images/s, as a share of this machine's measured peak on the same kernels (runtime.peak):
+  the FP32 GEMM peak for float backends, the INT8 GEMM peak for INT8 ones.
 """
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ from scarlet_deploy.runtime.bench.plan import REFERENCES, BenchConfig, ModelPlan
 from scarlet_deploy.runtime.bench.tune import tune_grid, tune_ort
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.host import CpuTimes, machine_load
+from scarlet_deploy.runtime.core.report import environment
 from scarlet_deploy.runtime.measure import CellStats, measure_interleaved, paired_ratio
+from scarlet_deploy.runtime.peak import KINDS as PEAK_KINDS
+from scarlet_deploy.runtime.peak import measure_peak, peak_kind, share_of_peak
 from scarlet_deploy.runtime.runners.ort import OrtOptions
 from scarlet_deploy.runtime.runners.pytorch import torch_module
 from scarlet_deploy.runtime.runners.registry import open_runner
@@ -87,13 +91,10 @@ def known_accuracy(plan: ModelPlan, reports_dir: Path) -> dict[str, float]:
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from scarlet_deploy.runtime.core.report import environment
-    from scarlet_deploy.runtime.peak import measure_peak
-
     t_start, cpu_start = time.perf_counter(), CpuTimes.now()
     # Sampled before and after every model, best kept: one sample taken while the machine is busy
     # would understate the peak and overstate every "% peak".
-    peaks = [measure_peak(cfg.peak_seconds, threads=cfg.threads)]
+    peaks = {k: [measure_peak(k, cfg.peak_seconds, threads=cfg.threads)] for k in PEAK_KINDS}
     # Loaded once, up front: the checkpoint loader can take seconds (seeded weights re-estimate BN
     # statistics), and a missing ONNX is exported from the same LoadedModel.
     loaded = {}
@@ -115,10 +116,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             model_rows, models[plan.model] = bench_model(plan, module, cfg, bar)
             models[plan.model]["weights"] = getattr(loaded.get(plan.model), "source", None)  # pretrained or seeded
             rows += model_rows
-            peaks.append(measure_peak(cfg.peak_seconds, threads=cfg.threads))
-    peak = max(peaks, key=lambda p: p.gflops)
+            for k in PEAK_KINDS:
+                peaks[k].append(measure_peak(k, cfg.peak_seconds, threads=cfg.threads))
+    best = {k: max(samples, key=lambda p: p.gops) for k, samples in peaks.items()}
     for r in rows:
-        r["pct_peak"] = 100 * r["gflops"] / peak.gflops
+        kind = peak_kind(r["backend"])
+        r["peak_kind"] = kind
+        r["pct_peak"] = share_of_peak(r["gops"], best.get(kind)) if kind else None
     elapsed = time.perf_counter() - t_start
     return {
         "environment": environment(),
@@ -127,7 +131,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "settings": {"torch": {"mode": "eval + torch.inference_mode", "threads": cfg.threads,
                                "channels_last": cfg.torch_channels_last},
                      "ort": {**asdict(cfg.ort), "provider": "CPUExecutionProvider"}},
-        "peak": {**peak.to_dict(), "samples_gflops": [p.gflops for p in peaks]},
+        "peak": {k: {**p.to_dict(), "samples_gops": [s.gops for s in peaks[k]]} for k, p in best.items()},
+        "peak_invalid": sorted({f"{r['model']} {r['backend']}" for r in rows
+                                if r["peak_kind"] and r["pct_peak"] is None}),
         "tune": tune,
         "models": models,
         "results": rows,
@@ -180,8 +186,8 @@ def bench_model(plan: ModelPlan, module, cfg: BenchConfig, bar) -> tuple[list[di
 
 def _row(plan: ModelPlan, backend: str, s: CellStats, stats: dict[str, CellStats], macs: int,
          memory: dict[str, Any] | None) -> dict[str, Any]:
-    gflops = 2 * macs * s.throughput / 1e9
-    row = {"model": plan.model, "backend": backend, **asdict(s), "gflops": gflops,
+    gops = 2 * macs * s.throughput / 1e9
+    row = {"model": plan.model, "backend": backend, **asdict(s), "gops": gops,
            "pct_peak": None,  # set once the run's best peak sample is known
            "size_mb": plan.artifacts[backend].size_mb,
            "mem_mb": (memory or {}).get("peak_mb", {}).get(str(s.batch))}

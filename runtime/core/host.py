@@ -1,3 +1,4 @@
+"""What the machine is: cores, vector ISA, and how busy it was while we measured."""
 from __future__ import annotations
 
 import os
@@ -69,3 +70,43 @@ def load_text(load: dict[str, float] | None) -> str:
     if load["other_processes_pct"] + load["steal_pct"] > LOAD_WARN_PCT:
         text += " **Over 5 %: these numbers are suspect; rerun on an idle machine.**"
     return text
+
+
+# What decides which CPU kernels onnxruntime, OpenVINO and torch can use: 8-bit dot products
+# (VNNI, AMX-INT8) for INT8 (without them MLAS saturates 16-bit pair sums, see calib.qdq), BF16
+# dot products for bf16, AVX-512 / AVX2 for everything else. Name -> /proc/cpuinfo flags.
+ISA_FLAGS = {"AVX2": ("avx2",), "AVX-512": ("avx512f",), "VNNI": ("avx512_vnni", "avx_vnni"),
+             "BF16": ("avx512_bf16",), "AMX": ("amx_tile",), "AMX-INT8": ("amx_int8",),
+             "AMX-BF16": ("amx_bf16",)}
+HOST = object()  # cpu_isa's default: this machine's flags
+
+
+@lru_cache(maxsize=4)
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The CPU's feature flags (None: no /proc/cpuinfo to read)."""
+    try:
+        with open(cpuinfo) as f:
+            return frozenset(next((ln for ln in f if ln.startswith("flags")), "").split(":", 1)[-1].split())
+    except OSError:
+        return None
+
+
+def cpu_isa(flags: frozenset[str] | None | object = HOST) -> dict[str, bool] | None:
+    """Which of ISA_FLAGS the CPU has (None: unknown)."""
+    flags = cpu_flags() if flags is HOST else flags
+    if flags is None:
+        return None
+    return {name: any(f in flags for f in names) for name, names in ISA_FLAGS.items()}
+
+
+def isa_text(isa: dict[str, bool] | None | object = HOST) -> str:
+    """'AVX2, AVX-512, VNNI': the ISA a speed figure was measured on, for every report."""
+    isa = cpu_isa() if isa is HOST else isa
+    if isa is None:
+        return "unknown (no /proc/cpuinfo)"
+    return ", ".join(name for name, has in isa.items() if has) or "none of " + ", ".join(isa)
+
+
+def has_vnni(flags: frozenset[str] | None | object = HOST) -> bool:
+    isa = cpu_isa(flags)
+    return bool(isa) and (isa["VNNI"] or isa["AMX-INT8"])

@@ -7,6 +7,7 @@ import platform
 from typing import Any, Iterable, Sequence
 
 from scarlet_deploy.runtime.core.artifacts import tool_versions, write_bytes_atomic, write_json_atomic
+from scarlet_deploy.runtime.core.host import isa_text
 
 
 def fmt(v: Any, digits: int = 4) -> str:
@@ -37,7 +38,7 @@ def environment() -> dict[str, Any]:
         pass
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpu": cpu, "logical_cpus": os.cpu_count(), "isa": isa_text(), "platform": platform.platform()},
         "versions": tool_versions(),
     }
 

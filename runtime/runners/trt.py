@@ -17,6 +17,8 @@ import contextlib
 import ctypes
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,10 @@ TRT_MISSING = "TensorRT 11 is not installed: pip install .[tensorrt] on a machin
 CUDA_PYTHON_MISSING = "cuda-python >= 13 is not installed: pip install .[tensorrt] on a machine with an NVIDIA GPU"
 NO_GPU = "no CUDA GPU visible"
 PLAN_KIND = "tensorrt-plan"
+
+
+class CaptureError(ScarletError):
+    """An engine that cannot be captured in a CUDA graph (it can still run without one)."""
 
 
 # ----------------------------------------------------------------------------- environment
@@ -122,6 +128,8 @@ def rebuild_hint(plan: str | os.PathLike, manifest: dict[str, Any]) -> str:
     cmd = f"scarlet engine --onnx {req.get('onnx', 'MODEL.onnx')} --precision {req.get('precision', manifest.get('precision', 'fp32'))}"
     if req.get("int8_onnx"):
         cmd += f" --int8-onnx {req['int8_onnx']}"
+    if req.get("int8_high_precision"):
+        cmd += f" --int8-high-precision {req['int8_high_precision']}"
     if req.get("batch"):
         cmd += f" --batch {','.join(map(str, req['batch']))}"
     return f"{cmd} -o {plan} --rebuild"
@@ -142,25 +150,64 @@ def check_plan(plan: str | os.PathLike, current: RuntimeInfo) -> dict[str, Any]:
     return manifest
 
 
-# ----------------------------------------------------------------------------- build
+# ----------------------------------------------------------------------------- logging
+
+class ErrorLog:
+    """The errors TensorRT reports, collected per operation.
+
+    TensorRT wants one logger that outlives every builder, runtime and engine made with it
+    (its documentation calls the logger a per-process singleton), and may call it from
+    its own threads. So the process has one logger (`trt_logger`), and each operation
+    (parse, build, deserialize, enqueue) opens `capture()` to receive only the errors
+    reported while it ran: a later failure never repeats an earlier one's message.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[list[str]] = []
+
+    def error(self, msg: str) -> None:
+        with self._lock:
+            for errors in self._open:
+                errors.append(msg)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        errors: list[str] = []
+        with self._lock:
+            self._open.append(errors)
+        try:
+            yield errors
+        finally:
+            with self._lock:
+                self._open.remove(errors)
 
 
-def _logger(trt):
-    """A TensorRT logger that prints warnings and keeps errors for our ScarletError messages."""
+ERRORS = ErrorLog()
+_LOGGER = None
 
-    class Log(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
 
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
-                self.errors.append(msg)
-                print(f"[TensorRT] error: {msg}", file=sys.stderr)
-            elif severity == trt.ILogger.WARNING:
-                print(f"[TensorRT] warning: {msg}", file=sys.stderr)
+def trt_logger(trt):
+    """The process's one TensorRT logger: prints warnings and errors, hands errors to ERRORS."""
+    global _LOGGER
+    if _LOGGER is None:
+        class Log(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
 
-    return Log()
+            def log(self, severity, msg):
+                if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                    ERRORS.error(msg)
+                    print(f"[TensorRT] error: {msg}", file=sys.stderr)
+                elif severity == trt.ILogger.WARNING:
+                    print(f"[TensorRT] warning: {msg}", file=sys.stderr)
+
+        _LOGGER = Log()
+    return _LOGGER
+
+
+def explain(errors: list[str], fallback: str = "see the log above") -> str:
+    return "; ".join(errors) or fallback
 
 
 # ----------------------------------------------------------------------------- run
@@ -189,11 +236,11 @@ class TrtRunner(Runner):
         trt, cudart = import_tensorrt(), import_cudart()
         self._trt, self._cudart = trt, cudart
         _ck(cudart, cudart.cudaSetDevice(self.device))
-        self._log = _logger(trt)
-        self._runtime = trt.Runtime(self._log)
-        engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        self._runtime = trt.Runtime(trt_logger(trt))
+        with ERRORS.capture() as errors:
+            engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if engine is None:
-            raise ScarletError(f"TensorRT could not load {self.path}: {'; '.join(self._log.errors) or 'see the log above'}. "
+            raise ScarletError(f"TensorRT could not load {self.path}: {explain(errors)}. "
                                f"Rebuild it with: {rebuild_hint(self.path, self.manifest)}")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -250,6 +297,13 @@ class TrtRunner(Runner):
                                                cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, s))
         return ok
 
+    def _run(self, batch: int, copies: bool) -> None:
+        """One enqueue outside graph capture; a refusal is an error with TensorRT's own words."""
+        with ERRORS.capture() as errors:
+            ok = self._enqueue(batch, copies)
+        if not ok:
+            raise ScarletError(f"TensorRT failed to run {self.path}: {explain(errors, 'see the log')}.")
+
     def _set_batch(self, batch: int) -> None:
         if not self.min_batch <= batch <= self.max_batch:
             raise ScarletError(f"batch {batch} is outside the plan's profile [{self.min_batch}, {self.max_batch}]; "
@@ -270,8 +324,7 @@ class TrtRunner(Runner):
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.min_batch - n, axis=0)])
             self._set_batch(len(chunk))
             self._host[self._in][1][:len(chunk)] = chunk  # casts float32 -> the engine's input type
-            if not self._enqueue(len(chunk), copies=True):
-                raise ScarletError(f"TensorRT failed to run {self.path}: {'; '.join(self._log.errors) or 'see the log'}.")
+            self._run(len(chunk), copies=True)
             _ck(self._cudart, self._cudart.cudaStreamSynchronize(self._stream))
             outs.append(self._host[self._out][1][:n].astype(np.float32))
         return np.concatenate(outs) if outs else np.zeros((0, *self._out_tail), np.float32)
@@ -292,24 +345,22 @@ class TrtRunner(Runner):
         self._set_batch(batch)
         rng = np.random.default_rng(0)
         self._host[self._in][1][:batch] = rng.standard_normal((batch, *self._chw), dtype=np.float32)
-        if not self._enqueue(batch, copies=True):  # fills the device input; also TensorRT's first-run set-up
-            raise ScarletError(f"TensorRT failed to run {self.path}: {'; '.join(self._log.errors) or 'see the log'}.")
+        self._run(batch, copies=True)  # fills the device input; also TensorRT's first-run set-up
         _ck(cudart, cudart.cudaStreamSynchronize(s))
         graph, gexec = self._capture(batch, include_copies) if cuda_graph else (None, None)
 
-        def launch() -> bool:
+        def launch() -> None:
             if gexec is None:
-                return self._enqueue(batch, include_copies)
-            _ck(cudart, cudart.cudaGraphLaunch(gexec, s))
-            return True
+                self._run(batch, include_copies)
+            else:
+                _ck(cudart, cudart.cudaGraphLaunch(gexec, s))
 
         e0, e1 = self._events
         times = []
         try:
             for i in range(warmup + iters):
                 _ck(cudart, cudart.cudaEventRecord(e0, s))
-                if not launch():
-                    raise ScarletError(f"TensorRT failed to run {self.path}: {'; '.join(self._log.errors) or 'see the log'}.")
+                launch()
                 _ck(cudart, cudart.cudaEventRecord(e1, s))
                 _ck(cudart, cudart.cudaEventSynchronize(e1))
                 if i >= warmup:
@@ -321,19 +372,38 @@ class TrtRunner(Runner):
         return times
 
     def _capture(self, batch: int, include_copies: bool):
+        """(graph, executable graph) of one enqueue; a ScarletError saying it cannot be captured otherwise.
+
+        Whatever fails in between (TensorRT refusing to enqueue, a CUDA error from a copy, an
+        invalidated capture, instantiation), capture is ended and the graph destroyed, so the
+        stream is usable again and nothing leaks.
+        """
         cudart, s = self._cudart, self._stream
+        success = cudart.cudaError_t.cudaSuccess
         # ThreadLocal, as trtexec does: other threads' CUDA calls do not break our capture.
         _ck(cudart, cudart.cudaStreamBeginCapture(s, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
-        try:
-            ok = self._enqueue(batch, include_copies)
-        finally:
-            err, graph = cudart.cudaStreamEndCapture(s)
-        if not ok or err != cudart.cudaError_t.cudaSuccess:
-            if err == cudart.cudaError_t.cudaSuccess:
+        why, ok = "", False
+        with ERRORS.capture() as errors:
+            try:
+                ok = self._enqueue(batch, include_copies)
+            except ScarletError as e:  # a CUDA error while capturing
+                why = str(e).rstrip(".")
+            finally:
+                err, graph = cudart.cudaStreamEndCapture(s)
+        if not ok and not why:
+            why = f"TensorRT could not enqueue during capture ({explain(errors, 'no TensorRT error logged')})"
+        gexec = None
+        if ok and err == success:
+            err, gexec = cudart.cudaGraphInstantiate(graph, 0)
+        if err != success and not why:
+            why = f"{cudart.cudaGetErrorName(err)[1].decode()}: {cudart.cudaGetErrorString(err)[1].decode()}"
+        if why:
+            # An invalidated capture returns a NULL graph; anything else was created and is ours to free.
+            if graph is not None and int(graph) != 0:
                 cudart.cudaGraphDestroy(graph)
-            raise ScarletError(f"{self.path} cannot be captured in a CUDA graph (it has work TensorRT cannot "
-                               "enqueue during capture); time it without --cuda-graph.")
-        return graph, _ck(cudart, cudart.cudaGraphInstantiate(graph, 0))
+            cudart.cudaGetLastError()  # capture errors are not sticky: clear them for the next call
+            raise CaptureError(f"{self.path} cannot be captured in a CUDA graph ({why}); time it without --cuda-graph.")
+        return graph, gexec
 
     def timed(self, x: np.ndarray) -> list[float]:
         # CUDA events, not host timing (launch and sync jitter); the runs include the pinned host<->device
