@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "scarlet_deploy.runtime.tensorrt_cli",
     "scarlet_deploy.runtime.bench.cli",
     "scarlet_deploy.runtime.profile",
+    "scarlet_deploy.runtime.serve.cli",
 )
 
 
