@@ -131,6 +131,7 @@ def run_serve(args: argparse.Namespace) -> int:
             code = server.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+    # stop() has reaped the server and checked that nothing of its process group is left.
     print(f"Triton stopped (status {code}); no process left, ports freed.", file=sys.stderr)
     return 0
 

@@ -19,6 +19,7 @@ from scarlet_deploy.export.registry import get_spec
 from scarlet_deploy.runtime.core.artifacts import read_manifest, write_bytes_atomic, write_json_atomic
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.data import classes
+from scarlet_deploy.runtime.predict import model_for_onnx
 
 LABELS = "labels.txt"
 
@@ -235,8 +236,6 @@ class ServeRequest:
 
 def write_serving_repository(req: ServeRequest, root: Path, launcher_paths: str) -> dict[str, Any]:
     """root/{NAME, NAME_image}: Python-backend models over our Runner; returns what was served, for the banner."""
-    from scarlet_deploy.runtime.predict import model_for_onnx
-
     io = ModelIO.from_onnx(req.onnx)
     if not io.dynamic_batch:
         raise ScarletError(f"{req.onnx} has a fixed batch dimension; serve a dynamic-batch export (`scarlet export` makes one).")

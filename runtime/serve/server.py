@@ -216,6 +216,8 @@ class TritonServer:
             leftover.unlink(missing_ok=True)
         code, self.proc = self.proc.returncode, None
         self._work.cleanup()
+        if _group_alive(pgid):
+            raise ScarletError(f"processes of Triton's group {pgid} survived SIGKILL; see `ps -o pid,cmd -g {pgid}`.")
         return code
 
     def __enter__(self) -> "TritonServer":
@@ -223,6 +225,22 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Zombies still count for killpg; only a running member is a survivor.
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
 
 
 def launcher_paths() -> str:
