@@ -215,3 +215,4 @@ def test_sigterm_stops_triton_with_no_process_left_and_ports_freed(server):
     assert "Triton stopped (status 0)" in out
     assert not [pid for pid in group if _alive(pid)]
     check_ports_free(ports)  # raises if anything still listens
+    assert not list(Path("/dev/shm").glob(f"scarlet_{proc.pid}_*")), "the Python backend's shared memory was left"

@@ -212,11 +212,16 @@ class TritonServer:
         # Stubs share the server's process group; none may outlive it.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while _group_alive(pgid) and time.monotonic() < deadline:  # SIGKILL is delivered asynchronously
+            time.sleep(0.05)
+        survived = _group_alive(pgid)
+        # Only now that no stub maps them: the regions a killed server could not remove itself.
         for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
             leftover.unlink(missing_ok=True)
         code, self.proc = self.proc.returncode, None
         self._work.cleanup()
-        if _group_alive(pgid):
+        if survived:
             raise ScarletError(f"processes of Triton's group {pgid} survived SIGKILL; see `ps -o pid,cmd -g {pgid}`.")
         return code
 
