@@ -73,6 +73,13 @@ class TritonDist:
             if f.is_file():
                 (python / f.name).symlink_to(f)
         (python / "triton_python_backend_stub").symlink_to(self.stub)
+        # The stub imports numpy (for triton_python_backend_utils) before any model.py can extend its path, and
+        # this folder is last on that path: an interpreter without numpy of its own then finds ours.
+        import numpy
+
+        for pkg in (Path(numpy.__file__).parent, Path(numpy.__file__).parent.with_name("numpy.libs")):
+            if pkg.is_dir():
+                (python / pkg.name).symlink_to(pkg)
         return under / "backends"
 
 
