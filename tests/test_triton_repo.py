@@ -9,10 +9,8 @@ from scarlet_deploy.runtime.cli import main
 from scarlet_deploy.runtime.core.artifacts import write_manifest
 from scarlet_deploy.runtime.serve.repository import (
     Batching,
-    ExportRequest,
     ServeRequest,
     write_serving_repository,
-    write_triton_repository,
 )
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",

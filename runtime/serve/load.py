@@ -73,8 +73,8 @@ def served_round(url: str, model: str, payloads: list[np.ndarray], cfg: LoadConf
     latencies: list[float] = []
     counts = {"ok": 0, "errors": 0}
     budget = threading.Semaphore(cfg.max_requests)
-    start = threading.Barrier(cfg.clients + 1)
-    stop_at = [0.0]
+    start = threading.Barrier(cfg.clients + 1, timeout=60)  # a client that cannot connect breaks it, not hangs it
+    stop_at = [float("inf")]  # set when every client is connected
 
     def worker(k: int) -> None:
         m, client = _client(cfg.protocol, url)
@@ -86,7 +86,9 @@ def served_round(url: str, model: str, payloads: list[np.ndarray], cfg: LoadConf
             t0 = time.perf_counter()
             try:
                 client.infer(model, inputs, outputs=outputs)
-                mine.append((time.perf_counter() - t0) * 1e3)
+                t1 = time.perf_counter()
+                if t1 <= stop_at[0]:  # a request still in flight at the end is not part of the window
+                    mine.append((t1 - t0) * 1e3)
             except Exception:  # counted, not fatal: the report says how many failed
                 errors += 1
             i += 1
@@ -99,13 +101,15 @@ def served_round(url: str, model: str, payloads: list[np.ndarray], cfg: LoadConf
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(cfg.clients)]
     for t in threads:
         t.start()
-    stop_at[0] = float("inf")
-    start.wait()
+    try:
+        start.wait()
+    except threading.BrokenBarrierError as e:
+        raise ScarletError(f"not every one of the {cfg.clients} clients could connect to {url} within 60 s.") from e
     t0 = time.perf_counter()
     stop_at[0] = t0 + cfg.seconds
     for t in threads:
         t.join(cfg.seconds + 60)
-    return ServedRound(counts["ok"], counts["errors"], time.perf_counter() - t0, latencies)
+    return ServedRound(counts["ok"], counts["errors"], cfg.seconds, latencies)
 
 
 def inprocess_round(runner: OrtRunner, batch: np.ndarray, seconds: float, max_iters: int) -> float:
