@@ -19,12 +19,15 @@ import numpy as np
 import pytest
 
 from scarlet_deploy.export.registry import get_spec
+from scarlet_deploy.export.trt_build import BatchProfile, EngineConfig, build_engine
 from scarlet_deploy.runtime.cli import main
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.data.preprocess import deploy
 from scarlet_deploy.runtime.predict import predict
 from scarlet_deploy.runtime.runners.ort import OrtRunner
-from scarlet_deploy.runtime.serve.server import TritonDist, check_ports_free, free_ports
+from scarlet_deploy.runtime.runners.trt import TrtRunner, require_gpu
+from scarlet_deploy.runtime.serve.repository import Batching, ServeRequest, write_serving_repository
+from scarlet_deploy.runtime.serve.server import TritonDist, TritonServer, check_ports_free, free_ports, launcher_paths
 
 tritonclient = pytest.importorskip("tritonclient", reason="the serve extra is not installed (make setup installs it)")
 import tritonclient.grpc as tgrpc  # noqa: E402
@@ -216,3 +219,35 @@ def test_sigterm_stops_triton_with_no_process_left_and_ports_freed(server):
     assert not [pid for pid in group if _alive(pid)]
     check_ports_free(ports)  # raises if anything still listens
     assert not list(Path("/dev/shm").glob(f"scarlet_{proc.pid}_*")), "the Python backend's shared memory was left"
+
+
+@pytest.fixture(scope="module")
+def lite0_plan(lite0_onnx, tmp_path_factory):
+    try:
+        require_gpu()
+    except ScarletError as e:
+        pytest.skip(f"needs TensorRT 11 and an NVIDIA GPU: {e}")
+    d = tmp_path_factory.mktemp("plan")
+    plan = d / "lite0.fp32.plan"
+    build_engine(EngineConfig(lite0_onnx, "fp32", plan, batch=BatchProfile(1, 4, 8), timing_cache=d / "t.cache"))
+    return plan
+
+
+@pytest.mark.gpu
+def test_tensorrt_plan_is_served_by_the_same_code(lite0_plan, lite0_onnx, images, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write_serving_repository(ServeRequest(lite0_onnx, "lite0_trt", engine=lite0_plan, batching=Batching(8, 500, 1)),
+                             repo, launcher_paths())
+    x = np.stack([deploy(f, get_spec("efficientnet_lite0").preprocess) for f in images])
+    with TrtRunner(lite0_plan) as runner:
+        ref = runner.infer(x)
+    with TritonServer(repo, free_ports(), log_path=tmp_path / "triton.log") as srv:
+        m, client = thttp, _client(thttp, srv.ports)
+        y = _infer(m, client, "lite0_trt", "input", x, "FP32").as_numpy("logits")  # one request: the plan's batch 8
+        assert np.abs(y - ref).max() / np.abs(ref).max() <= 1e-6
+        r = _infer(m, client, "lite0_trt_image", "image", np.fromfile(images[0], np.uint8)[None], "UINT8")
+        assert int(r.as_numpy("logits")[0].argmax()) == int(ref[0].argmax())
+    assert main(["triton", "--onnx", str(lite0_onnx), "--engine", str(lite0_plan), "-o", str(tmp_path / "r"),
+                 "--model", "trt"]) == 0
+    assert "max_batch_size: 8" in (tmp_path / "r" / "trt" / "config.pbtxt").read_text()
