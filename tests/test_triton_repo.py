@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from scarlet_deploy.runtime.cli import main
 from scarlet_deploy.runtime.core.artifacts import write_manifest
@@ -85,3 +87,14 @@ def test_serving_repository_configs_parse(lite0_onnx, tmp_path):
             for i in image.input] == [("image", "TYPE_UINT8", [-1], True)]
     assert [o.name for o in image.output] == ["logits", "probabilities"]
     assert json.loads(tensor.parameters["scarlet"].string_value)["kind"] == "ort"
+
+
+def test_fixed_batch_onnx_keeps_its_batch_dimension(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])), path)
+    assert main(["triton", "--onnx", str(path), "-o", str(tmp_path / "r")]) == 0
+    cfg = parse(tmp_path / "r" / "fixed" / "config.pbtxt")
+    assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
+    assert list(cfg.input[0].dims) == [1, 3, 8, 8] and list(cfg.output[0].dims) == [1, 3, 8, 8]

@@ -32,7 +32,7 @@ _ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 2: "TYPE_UI
 class Tensor:
     name: str
     data_type: str  # Triton TYPE_*
-    dims: tuple[int, ...]  # without the batch dimension
+    dims: tuple[int, ...]  # without the batch dimension when it is dynamic
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ class ModelIO:
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
             if any(d < 0 for d in dims[1:]):
                 raise ScarletError(f"{path}: tensor {v.name} has dims {dims}; only the batch dimension may be dynamic.")
-            return Tensor(v.name, _ONNX_TO_TRITON[t.elem_type], tuple(dims[1:])), dims[0] < 0 if dims else False
+            dynamic = bool(dims) and dims[0] < 0
+            # Triton's dims leave out the batch dimension only when it batches (max_batch_size > 0).
+            return Tensor(v.name, _ONNX_TO_TRITON[t.elem_type], tuple(dims[1:] if dynamic else dims)), dynamic
 
         (inp, dyn_in), (out, dyn_out) = tensor(ins[0]), tensor(graph.output[0])
         if dyn_in != dyn_out:
