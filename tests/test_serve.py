@@ -185,6 +185,27 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(server, ima
         assert _infer(m, client, f"{NAME}_image", "image", good, "UINT8").as_numpy("logits").shape == (1, 1000)
 
 
+def test_a_bad_image_fails_alone_in_its_dynamic_batch(server, images):
+    _, ports = server
+    client = thttp.InferenceServerClient(f"127.0.0.1:{ports.http}", concurrency=8, network_timeout=60)
+    bodies = [np.fromfile(f, np.uint8)[None] for f in images[:3]] + [np.frombuffer(b"\xff\xd8 truncated", np.uint8)[None]]
+    bodies = bodies * 2  # sent together, so Triton's batcher puts good and bad rows in one execute call
+    pending = []
+    for b in bodies:
+        inp = thttp.InferInput("image", list(b.shape), "UINT8")
+        inp.set_data_from_numpy(b)
+        pending.append(client.async_infer(f"{NAME}_image", [inp]))
+    ok, refused = 0, 0
+    for b, p in zip(bodies, pending):
+        try:
+            assert p.get_result().as_numpy("logits").shape == (1, 1000)
+            ok += 1
+        except InferenceServerException as e:
+            assert "not a readable image" in str(e)
+            refused += 1
+    assert (ok, refused) == (6, 2)
+
+
 def test_port_in_use_is_a_one_paragraph_error_before_anything_starts(lite0_onnx, capsys):
     ports = free_ports()
     with socket.socket() as busy:
