@@ -73,12 +73,16 @@ def reference(path: str | os.PathLike, p: Preprocess) -> np.ndarray:
 
 def deploy(path: str | os.PathLike, p: Preprocess) -> np.ndarray:
     """(3, crop, crop) float32 through OpenCV: decode, area/linear resize, centre crop."""
+    return deploy_bytes(np.fromfile(str(path), dtype=np.uint8), p, str(path))
+
+
+def deploy_bytes(data: np.ndarray, p: Preprocess, source: str = "image") -> np.ndarray:
+    """`deploy` on an encoded file already in memory (uint8 bytes), as the server receives it."""
     import cv2
 
-    data = np.fromfile(str(path), dtype=np.uint8)
     img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if img is None:
-        raise UnreadableImage(f"{path}: not a readable image (OpenCV could not decode it)")
+        raise UnreadableImage(f"{source}: not a readable image (OpenCV could not decode it)")
     h, w = img.shape[:2]
     nw, nh = _resized_size(w, h, p.resize)
     interp = cv2.INTER_AREA if nw < w else cv2.INTER_LINEAR
