@@ -36,6 +36,8 @@ def _probe(spec: dict[str, Any]) -> dict[str, Any]:
     backend = spec["backend"]
     if backend == "torch":
         import torch  # noqa: F401  (imported before the baseline: library code is not the model's memory)
+    elif backend.startswith("ov"):
+        import openvino  # noqa: F401
     else:
         import onnxruntime  # noqa: F401
     base = _status_kb()["VmRSS"]
