@@ -30,7 +30,7 @@ class BenchConfig:
     models: list[str] = field(default_factory=lambda: ["scarlet_a", "scarlet_b", "scarlet_c", "efficientnet_lite0"])
     backends: list[str] = field(default_factory=lambda: list(BACKENDS))
     batches: list[int] = field(default_factory=lambda: [1, 8])
-    threads: int | None = None  # None: physical cores, for torch and onnxruntime alike
+    threads: int | None = None  # None: physical cores, for torch, onnxruntime and OpenVINO alike
     build_dir: Path = Path("build")
     engines: list[Path] = field(default_factory=list)
     repeats: int = 5

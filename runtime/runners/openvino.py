@@ -4,7 +4,7 @@ Three backend names, one runner:
 - `ov`: float ops in f32 (INFERENCE_PRECISION_HINT f32). OpenVINO's CPU plugin otherwise picks
   bf16 by itself on CPUs with AVX512_BF16 or AMX, which would make `ov` a silent bf16 backend.
 - `ov-bf16`: float ops in bf16, only where the CPU has BF16 instructions (`bf16_unsupported`);
-  without them OpenVINO would emulate it, slower than f32 and no more accurate.
+  without them a bf16 row would measure an emulation or plain f32.
 - `ov-int8`: our Q/DQ ONNX read as it is (OpenVINO turns Q/DQ pairs into its own INT8 kernels);
   what stays float runs in f32, so its parity measures the quantisation and nothing else.
 
@@ -59,8 +59,8 @@ def bf16_unsupported(flags: frozenset[str], capabilities: list[str] | None) -> s
     that its kernels use it.
     """
     if not any(f in flags for f in BF16_FLAGS):
-        return (f"this CPU has no native bf16 ({' or '.join(BF16_FLAGS)} not in /proc/cpuinfo flags); "
-                "OpenVINO would emulate bf16, slower than f32, so ov-bf16 is skipped")
+        return (f"this CPU has no native bf16 ({' or '.join(BF16_FLAGS)} not in /proc/cpuinfo flags), so ov-bf16 "
+                "is skipped: OpenVINO would emulate bf16 (slower than f32) or run f32, and neither is a bf16 figure")
     if capabilities is not None and "BF16" not in capabilities:
         return (f"OpenVINO does not offer BF16 on this CPU (OPTIMIZATION_CAPABILITIES: {', '.join(capabilities)}), "
                 "so ov-bf16 is skipped")
