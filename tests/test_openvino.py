@@ -75,6 +75,9 @@ def test_each_onnx_becomes_a_backend_of_each_runtime_gated_by_its_own_precision(
                    ("m.fp32.onnx on ov", "ov", "fp32"), ("m.int8.onnx on ov", "ov-int8", "int8"),
                    ("m.fp32.onnx on ov-bf16", "ov-bf16", "bf16")]
     assert notes == ["m.int8.onnx not run on ov-bf16: it is int8, and ov-bf16 lowers the float ops of an FP32 ONNX"]
+    files[1].manifest = {"calibration_images": {"dir": str(tmp_path), "count": 200}}
+    rows = [b for r in ("ort", "ov") for b in vdisc.on_runtime(files[1:], r, [])]
+    assert [n.split(" was ")[0] for n in vdisc.calibration_overlap(rows, tmp_path)] == ["m.int8.onnx"]  # once per file
     t = vcfg.VerifyConfig("m").thresholds
     assert t.check("bf16", 0.985, 0.5) == (True, "agree >= 98.00%")
     assert t.check("bf16", 0.975, 0.0)[0] is False

@@ -175,10 +175,10 @@ def on_runtime(files: list[Backend], runtime: str, notes: list[str]) -> list[Bac
 def calibration_overlap(backends: list[Backend], root: Path) -> list[str]:
     """Say so when an INT8 model was calibrated on images from the folder its accuracy is measured on."""
     notes = []
-    for b in backends:
+    for b in {b.path: b for b in backends}.values():  # one note per file, however many runtimes run it
         cal = (b.manifest or {}).get("calibration_images") or {}
         if cal.get("dir") and Path(cal["dir"]).resolve() == Path(root).resolve():
-            notes.append(f"{b.name} was calibrated on {cal.get('count', '?')} images of this same folder: "
+            notes.append(f"{b.path.name} was calibrated on {cal.get('count', '?')} images of this same folder: "
                          "its accuracy here overlaps its calibration set (use a disjoint --val-dir for a clean number)")
     return notes
 
