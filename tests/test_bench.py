@@ -281,6 +281,18 @@ def test_memory_probe_reports_peak_growth_per_batch(tiny_build):
     assert 0 <= m["peak_mb"]["1"] <= m["peak_mb"]["4"] < 500
 
 
+@pytest.mark.parametrize("backend", ["ort", "ov"])
+def test_memory_probe_finds_a_build_dir_given_relative_to_where_bench_runs(tiny_build, monkeypatch, backend):
+    why_not = ov_unavailable(backend) if backend == "ov" else None
+    if why_not:
+        pytest.skip(why_not)
+    monkeypatch.chdir(tiny_build.parent)  # `make bench` passes --build-dir build
+    cfg = bplan.BenchConfig(models=["scarlet_a"], batches=[1, 4], threads=1, build_dir=tiny_build.name)
+    art = bplan.Artifact(backend, cfg.build_dir / "scarlet_a.onnx", 0.0)
+    m = bmem.measure_memory("scarlet_a", backend, art, cfg, size=16)
+    assert set(m.get("peak_mb", {})) == {"1", "4"}, m
+
+
 def test_tune_tries_the_grid_and_names_a_winner(tiny_build):
     cfg = bplan.BenchConfig(models=["scarlet_a"], threads=1, build_dir=tiny_build)
     t = btune.tune_ort(tiny_build / "scarlet_a.onnx", 1, cfg, repeats=1, seconds=0.001, warmup_s=0)
