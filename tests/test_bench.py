@@ -249,6 +249,8 @@ def test_markdown_table_has_one_row_per_measurement(tiny_run):
     assert "| scarlet_a | ORT FP32 | 2 |" in md
     assert "Machine peaks: FP32 50 GOP/s" in md and "INT8 40 GOP/s" in md
     assert f"CPU ISA: {tiny_run['environment']['machine']['isa']}" in md
+    if tiny_run["settings"]["openvino"]:  # the OpenVINO settings a reader needs to reproduce its rows
+        assert "OpenVINO (CPU): INFERENCE_NUM_THREADS 1, PERFORMANCE_HINT LATENCY, ENABLE_CPU_PINNING off" in md
 
 
 def test_a_backend_faster_than_its_peak_gets_no_share_and_a_note(tiny_run):

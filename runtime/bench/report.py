@@ -102,7 +102,8 @@ def _ov_text(ov: dict[str, dict[str, Any]] | None) -> str:
     hints = ", ".join(f"{BACKEND_LABELS.get(b, b)} {o['precision']}" for b, o in ov.items())
     o = next(iter(ov.values()))
     return (f" OpenVINO (CPU): INFERENCE_NUM_THREADS {o['threads']}, PERFORMANCE_HINT {o['hint']}, "
-            f"INFERENCE_PRECISION_HINT for float ops: {hints}; one compiled model per batch size.")
+            f"ENABLE_CPU_PINNING {'on' if o['pin_threads'] else 'off'}, INFERENCE_PRECISION_HINT for float ops: {hints}; "
+            "one compiled model per batch size.")
 
 
 def summary_lines(data: dict[str, Any]) -> list[str]:

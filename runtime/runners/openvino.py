@@ -10,7 +10,8 @@ Three backend names, one runner:
 
 Settings, as a user who calls `infer` on one batch at a time wants them: PERFORMANCE_HINT LATENCY
 (one stream, every thread on the one request; THROUGHPUT would split the threads into streams
-that only concurrent requests fill) and INFERENCE_NUM_THREADS = physical cores, as onnxruntime gets.
+that only concurrent requests fill), INFERENCE_NUM_THREADS = physical cores, as onnxruntime gets,
+and threads not pinned to cores (see OvOptions).
 Each batch size is compiled once with a static shape: OpenVINO picks faster INT8 kernels for a
 static batch than for a dynamic one (SCARLET-A INT8, batch 8: ~1.8x).
 """
@@ -35,6 +36,9 @@ class OvOptions:
     threads: int | None = None  # INFERENCE_NUM_THREADS; None: physical cores
     precision: str = "f32"  # INFERENCE_PRECISION_HINT for the float ops: f32 | bf16
     hint: str = "LATENCY"  # PERFORMANCE_HINT: LATENCY | THROUGHPUT
+    # ENABLE_CPU_PINNING. Off, as onnxruntime's threads are: on a machine other processes share, a thread
+    # pinned to a busy core waits for it (SCARLET-A INT8, batch 8, busy 2-core host: 1.46x ORT INT8 unpinned, 1.30x pinned).
+    pin_threads: bool = False
 
     @classmethod
     def for_backend(cls, backend: str, threads: int | None = None) -> "OvOptions":
@@ -118,6 +122,7 @@ class OvRunner(Runner):
 
         return {props.inference_num_threads: self.options.threads or physical_cores(),
                 hints.performance_mode: getattr(hints.PerformanceMode, self.options.hint),
+                hints.enable_cpu_pinning: self.options.pin_threads,
                 hints.inference_precision: {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[self.options.precision]}
 
     def _request(self, batch: int):
