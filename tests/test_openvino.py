@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -60,6 +61,12 @@ def test_without_openvino_every_ov_backend_is_skipped_not_an_error(monkeypatch, 
     assert list(plan.artifacts) == ["ort"]
     assert set(plan.skipped) == set(ovr.OV_BACKENDS)
     assert all("OpenVINO is not installed" in why for why in plan.skipped.values())
+
+    # asked for OpenVINO only: nothing is compared, which must not read as a PASS
+    f = tmp_path / "scarlet_a.onnx"
+    loaded = SimpleNamespace(name="scarlet_a", let=False, checkpoint_sha256="0" * 64)
+    with pytest.raises(ScarletError, match="nothing to verify here: backend ov skipped: OpenVINO is not installed"):
+        vdisc.resolve_backends(vcfg.VerifyConfig("scarlet_a", onnx=[f], backends=["ov"]), loaded)
 
 
 def test_verify_names_a_runtime_it_does_not_know():

@@ -3,9 +3,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from scarlet_deploy.runtime.runners.registry import ONNX_RUNTIMES
 from scarlet_deploy.runtime.verify.compare import Thresholds
 from scarlet_deploy.runtime.verify.config import VerifyConfig
-from scarlet_deploy.runtime.runners.registry import ONNX_RUNTIMES
 from scarlet_deploy.runtime.verify.report import render_markdown
 from scarlet_deploy.runtime.verify.run import verify
 

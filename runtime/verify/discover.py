@@ -29,7 +29,6 @@ class Backend:
         return self.kind if self.precision in ("fp32", "bf16") else f"{self.kind}-{self.precision}"
 
 
-
 def _origin(manifest: dict[str, Any] | None) -> dict[str, Any]:
     """The FP32 export manifest an artifact descends from (INT8 -> source ONNX, FP16 -> source, plan -> ONNX)."""
     from scarlet_deploy.runtime.core.artifacts import read_manifest
@@ -140,6 +139,8 @@ def resolve_backends(cfg: VerifyConfig, loaded) -> tuple[list[Backend], list[str
     order = ("fp32", "bf16", "fp16", "int8")
     backends.sort(key=lambda b: (runtimes.index(b.kind), order.index(b.precision)))
     engines.sort(key=lambda b: order.index(b.precision))
+    if not backends and not engines:  # a PASS with nothing compared would be a lie
+        raise ScarletError(f"nothing to verify here: {'; '.join(runtime_notes)}. Add ort to --backends or install what is missing.")
     return backends + engines, notes + runtime_notes
 
 
