@@ -11,6 +11,7 @@ import pytest
 from scarlet_deploy.runtime.bench import plan as bplan
 from scarlet_deploy.runtime.cli import main
 from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.host import cpu_isa
 from scarlet_deploy.runtime.runners import openvino as ovr
 from scarlet_deploy.runtime.runners.ort import OrtRunner
 from scarlet_deploy.runtime.runners.registry import open_runner
@@ -27,18 +28,19 @@ needs_openvino = pytest.mark.skipif(ovr.openvino_missing() is not None, reason="
 
 
 def test_bf16_runs_only_where_the_cpu_and_openvino_both_have_it():
-    why = ovr.bf16_unsupported(SKYLAKE_FLAGS, ["FP32", "INT8", "BF16"])  # OpenVINO would emulate it
+    why = ovr.bf16_unsupported(cpu_isa(SKYLAKE_FLAGS), ["FP32", "INT8", "BF16"])  # OpenVINO would emulate it
     assert why and "avx512_bf16 or amx_bf16" in why and "ov-bf16 is skipped" in why
-    assert ovr.bf16_unsupported(ZEN4_FLAGS, ["FP32", "BF16", "INT8"]) is None
-    assert ovr.bf16_unsupported(frozenset({"amx_bf16"}), ["BF16"]) is None  # AMX alone is enough
-    assert ovr.bf16_unsupported(ZEN4_FLAGS, None) is None  # before OpenVINO is asked: the flags decide
-    why = ovr.bf16_unsupported(ZEN4_FLAGS, ["FP32", "INT8"])
+    assert ovr.bf16_unsupported(cpu_isa(ZEN4_FLAGS), ["FP32", "BF16", "INT8"]) is None
+    assert ovr.bf16_unsupported(cpu_isa(frozenset({"amx_tile", "amx_bf16"})), ["BF16"]) is None  # AMX alone is enough
+    assert ovr.bf16_unsupported(cpu_isa(ZEN4_FLAGS), None) is None  # before OpenVINO is asked: the flags decide
+    why = ovr.bf16_unsupported(cpu_isa(ZEN4_FLAGS), ["FP32", "INT8"])
     assert why and "OPTIMIZATION_CAPABILITIES: FP32, INT8" in why
+    assert "unknown: ov-bf16 is skipped" in ovr.bf16_unsupported(cpu_isa(None), ["BF16"])  # no /proc/cpuinfo
 
 
 @needs_openvino
 def test_a_cpu_without_bf16_skips_ov_bf16_with_the_reason(monkeypatch, tmp_path):
-    monkeypatch.setattr(ovr, "cpu_flags", lambda: SKYLAKE_FLAGS)
+    monkeypatch.setattr(ovr, "cpu_isa", lambda: cpu_isa(SKYLAKE_FLAGS))
     runtimes, notes = vdisc.available_runtimes(["ort", "ov", "ov-bf16"])
     assert runtimes == ["ort", "ov"]
     assert len(notes) == 1 and notes[0].startswith("backend ov-bf16 skipped: this CPU has no native bf16")
@@ -132,7 +134,6 @@ def test_predict_on_openvino_names_the_same_classes(lite0_onnx, val_files, capsy
 
 def _tiny_onnx() -> bytes:
     """A 1x1 convolution classifier on (N, 3, 8, 8): enough for planning, which reads the input size."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.ones((10, 3, 1, 1), np.float32), "w")

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from scarlet_deploy.runtime.core.errors import ScarletError
-from scarlet_deploy.runtime.core.host import cpu_flags, physical_cores
+from scarlet_deploy.runtime.core.host import ISA_FLAGS, cpu_isa, physical_cores
 from scarlet_deploy.runtime.runners.base import Runner
 
 OV_BACKENDS = ("ov", "ov-bf16", "ov-int8")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 dot products
+BF16_ISA = ("BF16", "AMX-BF16")  # runtime.core.host.ISA_FLAGS names of native bf16 dot products
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class OvOptions:
     pin_threads: bool = False
 
     @classmethod
-    def for_backend(cls, backend: str, threads: int | None = None) -> "OvOptions":
+    def for_backend(cls, backend: str, threads: int | None = None) -> OvOptions:
         return cls(threads=threads, precision="bf16" if backend == "ov-bf16" else "f32")
 
 
@@ -55,16 +55,19 @@ def openvino_missing() -> str | None:
     return None
 
 
-def bf16_unsupported(flags: frozenset[str], capabilities: list[str] | None) -> str | None:
+def bf16_unsupported(isa: dict[str, bool] | None, capabilities: list[str] | None) -> str | None:
     """Why bf16 inference should not run on this CPU, or None when it should.
 
-    `flags`: the CPU's /proc/cpuinfo flags; `capabilities`: OpenVINO's CPU OPTIMIZATION_CAPABILITIES
-    (None when OpenVINO is missing). Both must say BF16: the flags that the hardware has it, OpenVINO
-    that its kernels use it.
+    `isa`: runtime.core.host.cpu_isa() (None when the CPU's flags cannot be read); `capabilities`:
+    OpenVINO's CPU OPTIMIZATION_CAPABILITIES (None before OpenVINO is asked). Both must say BF16: the
+    flags that the hardware has it, OpenVINO that its kernels use it.
     """
-    if not any(f in flags for f in BF16_FLAGS):
-        return (f"this CPU has no native bf16 ({' or '.join(BF16_FLAGS)} not in /proc/cpuinfo flags), so ov-bf16 "
-                "is skipped: OpenVINO would emulate bf16 (slower than f32) or run f32, and neither is a bf16 figure")
+    flags = " or ".join(f for name in BF16_ISA for f in ISA_FLAGS[name])
+    if isa is None:
+        return f"this CPU's flags cannot be read (no /proc/cpuinfo), so whether it has {flags} is unknown: ov-bf16 is skipped"
+    if not any(isa[name] for name in BF16_ISA):
+        return (f"this CPU has no native bf16 ({flags} not in /proc/cpuinfo flags), so ov-bf16 is skipped: "
+                "OpenVINO would emulate bf16 (slower than f32) or run f32, and neither is a bf16 figure")
     if capabilities is not None and "BF16" not in capabilities:
         return (f"OpenVINO does not offer BF16 on this CPU (OPTIMIZATION_CAPABILITIES: {', '.join(capabilities)}), "
                 "so ov-bf16 is skipped")
@@ -83,7 +86,7 @@ def ov_unavailable(backend: str) -> str | None:
     if missing:
         return missing
     if backend == "ov-bf16":
-        return bf16_unsupported(cpu_flags(), list(_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
+        return bf16_unsupported(cpu_isa(), list(_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
     return None
 
 
@@ -97,7 +100,7 @@ class OvRunner(Runner):
         self.model = None
         self.requests: dict[int, Any] = {}  # batch size -> infer request of the model compiled for it
 
-    def load(self) -> "OvRunner":
+    def load(self) -> OvRunner:
         if self.model is not None:
             return self
         reason = ov_unavailable("ov-bf16" if self.options.precision == "bf16" else "ov")
