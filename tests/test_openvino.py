@@ -142,3 +142,16 @@ def _tiny_onnx() -> bytes:
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], [w])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_doctor_says_which_ov_backends_run_here_and_why_not(monkeypatch):
+    from scarlet_deploy.runtime import doctor
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert "OpenVINO is not installed" in doctor._openvino()["error"]
+    monkeypatch.undo()
+    if ovr.openvino_missing():
+        pytest.skip(ovr.openvino_missing())
+    monkeypatch.setattr(ovr, "cpu_isa", lambda: cpu_isa(SKYLAKE_FLAGS))
+    row = dict(doctor.rows(doctor.probe()))["openvino"]
+    assert "ov: runs here" in row and "ov-int8: runs here" in row and "ov-bf16: this CPU has no native bf16" in row
