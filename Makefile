@@ -25,7 +25,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,serve]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,serve,openvino]'
 # Triton's server binary; --no-deps because the package caps numpy below 2 for an API we do not use.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt nvidia-pytriton
 	touch $(STAMP)
@@ -34,9 +34,10 @@ $(STAMP): pyproject.toml constraints.txt
 export: setup
 	$(SCARLET) export-all --models $(MODELS) $(ckpt_arg) --out-dir $(BUILD)
 
-## make verify [MODEL=...] [LET=1] [CKPT=...] [VAL_DIR=...] [LIMIT=N]: PyTorch vs every build/<model>*.onnx; exit 1 on failure
+## make verify [MODEL=...] [LET=1] [CKPT=...] [VAL_DIR=...] [LIMIT=N] [BACKENDS=ort,ov,ov-bf16]: PyTorch vs every build/<model>*.onnx; exit 1 on failure
+BACKENDS ?=
 verify: setup
-	$(SCARLET) verify --model $(MODEL) $(if $(LET),--let) $(ckpt_arg) --auto-onnx $(BUILD) $(val_arg) $(limit_arg) \
+	$(SCARLET) verify --model $(MODEL) $(if $(LET),--let) $(ckpt_arg) --auto-onnx $(BUILD) $(val_arg) $(limit_arg) $(if $(BACKENDS),--backends $(BACKENDS)) \
 	  --json $(REPORTS)/verify-$(MODEL)$(if $(LET),-let).json --markdown $(REPORTS)/verify-$(MODEL)$(if $(LET),-let).md
 
 ## make calib [MODEL=...] [CALIB_ARGS="--method entropy ..."]: INT8 Q/DQ ONNX for onnxruntime and TensorRT
