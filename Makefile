@@ -18,23 +18,26 @@ ckpt_arg  = $(if $(CKPT),--checkpoint $(CKPT))
 val_arg   = $(if $(VAL_DIR),--val-dir $(VAL_DIR))
 limit_arg = $(if $(LIMIT),--limit $(LIMIT))
 
-.PHONY: setup export verify calib engine bench gpu-check doctor test test-fast clean
+.PHONY: setup export verify calib engine bench gpu-check doctor serve serve-load test test-fast clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,serve,openvino]'
+# Triton's server binary; --no-deps because the package caps numpy below 2 for an API we do not use.
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt nvidia-pytriton
 	touch $(STAMP)
 
 ## make export [MODELS="scarlet_a ..."] [CKPT=path]: ONNX + manifest per model into build/
 export: setup
 	$(SCARLET) export-all --models $(MODELS) $(ckpt_arg) --out-dir $(BUILD)
 
-## make verify [MODEL=...] [LET=1] [CKPT=...] [VAL_DIR=...] [LIMIT=N]: PyTorch vs every build/<model>*.onnx; exit 1 on failure
+## make verify [MODEL=...] [LET=1] [CKPT=...] [VAL_DIR=...] [LIMIT=N] [BACKENDS=ort,ov,ov-bf16]: PyTorch vs every build/<model>*.onnx; exit 1 on failure
+BACKENDS ?=
 verify: setup
-	$(SCARLET) verify --model $(MODEL) $(if $(LET),--let) $(ckpt_arg) --auto-onnx $(BUILD) $(val_arg) $(limit_arg) \
+	$(SCARLET) verify --model $(MODEL) $(if $(LET),--let) $(ckpt_arg) --auto-onnx $(BUILD) $(val_arg) $(limit_arg) $(if $(BACKENDS),--backends $(BACKENDS)) \
 	  --json $(REPORTS)/verify-$(MODEL)$(if $(LET),-let).json --markdown $(REPORTS)/verify-$(MODEL)$(if $(LET),-let).md
 
 ## make calib [MODEL=...] [CALIB_ARGS="--method entropy ..."]: INT8 Q/DQ ONNX for onnxruntime and TensorRT
@@ -66,6 +69,17 @@ gpu-check: setup
 ## make doctor: what this machine can run (packages, CPU ISA, torch CUDA, TensorRT, GPUs, memory, disk)
 doctor: setup
 	$(SCARLET) doctor --build-dir $(BUILD)
+
+## make serve [MODEL=...] [SERVE_ARGS="--engine build/M.fp16.plan --http-port 8000 ..."]: Triton on 127.0.0.1 until Ctrl-C
+SERVE_ARGS ?=
+serve: setup
+	$(SCARLET) serve --onnx $(BUILD)/$(MODEL).onnx $(SERVE_ARGS)
+
+## make serve-load [MODEL=...] [LOAD_ARGS="--clients 16 --seconds 10 --endpoint image"]: served vs in-process throughput
+LOAD_ARGS ?=
+serve-load: setup
+	$(SCARLET) serve-load --onnx $(BUILD)/$(MODEL).onnx $(LOAD_ARGS) \
+	  --json $(REPORTS)/serve-load-$(MODEL).json --markdown $(REPORTS)/serve-load-$(MODEL).md
 
 ## make test: the suite CI runs (slow checks included, GPU checks skip on CPU)
 test: setup

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "scarlet_deploy.runtime.profile",
     "scarlet_deploy.runtime.doctor",
     "scarlet_deploy.runtime.gpu_check",
+    "scarlet_deploy.runtime.serve.cli",
 )
 
 

@@ -1,6 +1,7 @@
 """`scarlet doctor`: what this machine can run, in a few seconds, without changing anything.
 
-Python and package versions, the CPU's instruction sets, onnxruntime's providers, torch's
+Python and package versions, the CPU's instruction sets, onnxruntime's providers, OpenVINO and which
+of its backends run here, torch's
 CUDA, TensorRT (or why it is missing), cuda-python, each GPU with its compute capability and
 free memory, free RAM and disk. It always exits 0: it is the first command to run on a new
 machine (a lent GPU machine has no network, so what it finds is what there is), and
@@ -20,9 +21,10 @@ from typing import Any
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.host import cpu_isa, isa_text, physical_cores
 from scarlet_deploy.runtime.core.report import markdown_table
+from scarlet_deploy.runtime.runners.openvino import OV_BACKENDS, openvino_missing, ov_unavailable
 from scarlet_deploy.runtime.runners.trt import import_cudart, import_tensorrt
 
-PACKAGES = ("scarlet-deploy", "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxconverter-common",
+PACKAGES = ("scarlet-deploy", "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxconverter-common", "openvino",
             "opencv-python-headless", "tensorrt", "tensorrt-cu13", "tensorrt-cu12", "cuda-python", "cuda-bindings",
             "nvidia-modelopt")
 NVIDIA_SMI_TIMEOUT_S = 10
@@ -74,6 +76,17 @@ def _onnxruntime() -> dict[str, Any]:
     except ImportError as e:
         return {"error": f"import onnxruntime failed: {e}"}
     return {"version": ort.__version__, "providers": ort.get_available_providers()}
+
+
+def _openvino() -> dict[str, Any]:
+    missing = openvino_missing()
+    if missing:
+        return {"error": missing}
+    import openvino as ov
+
+    return {"version": ov.get_version(),
+            "cpu_capabilities": list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+            "backends": {b: ov_unavailable(b) or "runs here" for b in OV_BACKENDS}}
 
 
 def _tensorrt() -> dict[str, Any]:
@@ -165,6 +178,7 @@ def probe(build_dir: str | os.PathLike = ".") -> dict[str, Any]:
         "memory": _meminfo(),
         "disk": _disk(Path(build_dir)),
         "onnxruntime": _onnxruntime(),
+        "openvino": _openvino(),
         "torch": _torch(),
         "tensorrt": _tensorrt(),
         "cuda_python": _cuda_python(),
@@ -187,7 +201,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     torch_text = torch_.get("error") or (
         f"{torch_['version']}, CUDA build {torch_['cuda_build'] or 'none (CPU build)'}, "
         f"CUDA {'available: ' + ', '.join(torch_['devices']) if torch_.get('cuda_available') else 'not available'}")
-    ort_ = r["onnxruntime"]
+    ort_, ov_ = r["onnxruntime"], r["openvino"]
     mem, disk = r["memory"], r["disk"]
     cp = r["cuda_python"]
     cuda_text = cp.get("error") if "devices" not in cp else f"{cp['version']}, driver CUDA {cp['driver_cuda']}"
@@ -197,6 +211,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("cpu", f"{r['cpu']['model']}, {r['cpu']['physical_cores']} cores / {r['cpu']['logical_cpus']} threads"),
         ("cpu isa", r["cpu"]["isa_text"]),
         ("onnxruntime", ort_.get("error") or f"{ort_['version']}, providers {', '.join(ort_['providers'])}"),
+        ("openvino", ov_.get("error") or f"{ov_['version']}, CPU capabilities {', '.join(ov_['cpu_capabilities'])}; "
+         + "; ".join(f"{b}: {why}" for b, why in ov_["backends"].items())),
         ("torch", torch_text),
         ("tensorrt", r["tensorrt"].get("error") or r["tensorrt"]["version"]),
         ("cuda-python", cuda_text),

@@ -13,6 +13,7 @@ from scarlet_deploy.runtime.core.cli_types import int_range
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.logits import softmax, top_k
 from scarlet_deploy.runtime.core.onnx_io import check_classifier
+from scarlet_deploy.runtime.runners.registry import ONNX_RUNTIMES, open_runner
 
 
 @dataclass
@@ -34,12 +35,11 @@ def model_for_onnx(onnx_path: str | Path, model: str | None = None) -> str:
 
 
 def predict(onnx_path: str | Path, images: list[str], model: str | None = None, top: int = 5,
-            pipeline: str = "deploy") -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """Predictions for the readable images, and (path, reason) for the skipped ones."""
+            pipeline: str = "deploy", backend: str = "ort") -> tuple[list[Prediction], list[tuple[str, str]]]:
+    """Predictions for the readable images, and (path, reason) for the skipped ones; `backend`: one of ONNX_RUNTIMES."""
     from scarlet_deploy.export.registry import get_spec
     from scarlet_deploy.runtime.data import classes
     from scarlet_deploy.runtime.data.preprocess import PIPELINES, UnreadableImage
-    from scarlet_deploy.runtime.runners.ort import OrtRunner
 
     spec = get_spec(model_for_onnx(onnx_path, model))
     if not 1 <= top <= spec.num_classes:
@@ -56,7 +56,7 @@ def predict(onnx_path: str | Path, images: list[str], model: str | None = None, 
             skipped.append((path, f"{path}: cannot be read ({e.strerror or e})"))
     if not tensors:
         return [], skipped
-    with OrtRunner(onnx_path) as runner:
+    with open_runner(backend, onnx_path) as runner:
         logits = runner.infer(np.stack(tensors))
     if not np.isfinite(logits).all():
         raise ScarletError(f"{onnx_path} produced NaN or infinite logits: its weights are not finite. Re-export it from a "
@@ -73,13 +73,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx", required=True)
     p.add_argument("--model", help="registry model name (default: from the ONNX manifest)")
     p.add_argument("--top", type=int_range(1, 1000), default=5, help="classes per image (1-1000, default 5)")
+    p.add_argument("--backend", choices=ONNX_RUNTIMES, default="ort", help="runtime to run the ONNX on (default ort)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("images", nargs="+")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    preds, skipped = predict(args.onnx, args.images, args.model, args.top)
+    preds, skipped = predict(args.onnx, args.images, args.model, args.top, backend=args.backend)
     if args.json:
         print(json.dumps({"predictions": [asdict(p) for p in preds],
                           "skipped": [{"image": i, "reason": r} for i, r in skipped]}, indent=2))

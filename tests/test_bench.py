@@ -22,6 +22,7 @@ from scarlet_deploy.runtime.core import host
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.flops import count_macs
 from scarlet_deploy.runtime.runners.base import Runner
+from scarlet_deploy.runtime.runners.openvino import ov_unavailable
 from scarlet_deploy.runtime.runners.ort import OrtOptions
 
 # ---------------------------------------------------------------- tiny models
@@ -211,10 +212,11 @@ def tiny_run(tiny_build, tmp_path_factory):
 
 
 def test_run_measures_every_available_backend_and_says_why_others_not(tiny_run):
+    ov_here = {b for b in ("ov", "ov-bf16") if ov_unavailable(b) is None}  # OpenVINO and BF16 vary by machine
     got = {(r["backend"], r["batch"]) for r in tiny_run["results"]}
-    assert got == {("torch", 1), ("ort", 1), ("torch", 2), ("ort", 2)}
+    assert got == {(b, n) for b in {"torch", "ort", *ov_here} for n in (1, 2)}
     skipped = tiny_run["models"]["scarlet_a"]["skipped"]
-    assert set(skipped) == {"ort-int8", "trt-fp32", "trt-fp16", "trt-int8"}
+    assert set(skipped) == {"ort-int8", "ov-int8", "trt-fp32", "trt-fp16", "trt-int8", *({"ov", "ov-bf16"} - ov_here)}
     assert "make calib MODEL=scarlet_a" in skipped["ort-int8"]
     assert all(why for why in skipped.values())
 
@@ -247,6 +249,8 @@ def test_markdown_table_has_one_row_per_measurement(tiny_run):
     assert "| scarlet_a | ORT FP32 | 2 |" in md
     assert "Machine peaks: FP32 50 GOP/s" in md and "INT8 40 GOP/s" in md
     assert f"CPU ISA: {tiny_run['environment']['machine']['isa']}" in md
+    if tiny_run["settings"]["openvino"]:  # the OpenVINO settings a reader needs to reproduce its rows
+        assert "OpenVINO (CPU): INFERENCE_NUM_THREADS 1, PERFORMANCE_HINT LATENCY, ENABLE_CPU_PINNING off" in md
 
 
 def test_a_backend_faster_than_its_peak_gets_no_share_and_a_note(tiny_run):
@@ -277,6 +281,18 @@ def test_memory_probe_reports_peak_growth_per_batch(tiny_build):
     m = bmem.measure_memory("scarlet_a", "ort", art, cfg, size=16)
     assert set(m["peak_mb"]) == {"1", "4"}, m
     assert 0 <= m["peak_mb"]["1"] <= m["peak_mb"]["4"] < 500
+
+
+@pytest.mark.parametrize("backend", ["ort", "ov"])
+def test_memory_probe_finds_a_build_dir_given_relative_to_where_bench_runs(tiny_build, monkeypatch, backend):
+    why_not = ov_unavailable(backend) if backend == "ov" else None
+    if why_not:
+        pytest.skip(why_not)
+    monkeypatch.chdir(tiny_build.parent)  # `make bench` passes --build-dir build
+    cfg = bplan.BenchConfig(models=["scarlet_a"], batches=[1, 4], threads=1, build_dir=tiny_build.name)
+    art = bplan.Artifact(backend, cfg.build_dir / "scarlet_a.onnx", 0.0)
+    m = bmem.measure_memory("scarlet_a", backend, art, cfg, size=16)
+    assert set(m.get("peak_mb", {})) == {"1", "4"}, m
 
 
 def test_tune_tries_the_grid_and_names_a_winner(tiny_build):

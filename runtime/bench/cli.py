@@ -19,7 +19,8 @@ def register(sub) -> None:
     p.add_argument("--backends", type=cli_types.csv_of(str), default=list(BACKENDS),
                    help="subset of " + ",".join(BACKENDS) + " (unavailable ones are skipped with a reason)")
     p.add_argument("--batch", type=cli_types.csv_of(cli_types.positive_int), default=[1, 8], help="comma-separated batch sizes (default 1,8)")
-    p.add_argument("--threads", type=cli_types.positive_int, default=None, help="CPU threads for PyTorch and onnxruntime (default: physical cores)")
+    p.add_argument("--threads", type=cli_types.positive_int, default=None,
+                   help="CPU threads for PyTorch, onnxruntime and OpenVINO (default: physical cores)")
     p.add_argument("--build-dir", type=Path, default=Path("build"))
     p.add_argument("--engine", type=Path, nargs="+", action="extend", default=[],
                    help="TensorRT plans named <model>.<fp32|fp16|int8>.plan (default: looked for in --build-dir)")

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from scarlet_deploy.runtime.bench.plan import Artifact, BenchConfig, bench_input
@@ -36,6 +35,8 @@ def _probe(spec: dict[str, Any]) -> dict[str, Any]:
     backend = spec["backend"]
     if backend == "torch":
         import torch  # noqa: F401  (imported before the baseline: library code is not the model's memory)
+    elif backend.startswith("ov"):
+        import openvino  # noqa: F401
     else:
         import onnxruntime  # noqa: F401
     base = _status_kb()["VmRSS"]
@@ -59,7 +60,7 @@ def measure_memory(model: str, backend: str, art: Artifact, cfg: BenchConfig, si
     spec = {"model": model, "backend": backend, "path": str(art.path) if art.path else None,
             "batches": cfg.batches, "threads": cfg.threads, "size": size, "ort": asdict(cfg.ort), "channels_last": cfg.torch_channels_last}
     proc = subprocess.run([sys.executable, "-m", "scarlet_deploy.runtime.bench.memory", "--memory-probe", json.dumps(spec)],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+                          capture_output=True, text=True, check=False)  # in our working directory: build paths are relative to it
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
         return {"error": f"memory probe failed: {tail[0]}"}

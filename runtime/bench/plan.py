@@ -9,12 +9,14 @@ from scarlet_deploy.calib.model import calibrate_model, model_config
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.onnx_io import read_io
 from scarlet_deploy.runtime.core.host import physical_cores
+from scarlet_deploy.runtime.runners.openvino import OV_BACKENDS, ov_unavailable
 from scarlet_deploy.runtime.runners.ort import OrtOptions
 
-BACKENDS = ("torch", "ort", "ort-int8", "trt-fp32", "trt-fp16", "trt-int8")
+BACKENDS = ("torch", "ort", "ort-int8", *OV_BACKENDS, "trt-fp32", "trt-fp16", "trt-int8")
 
 
 BACKEND_LABELS = {"torch": "PyTorch eager", "ort": "ORT FP32", "ort-int8": "ORT INT8",
+                  "ov": "OpenVINO FP32", "ov-bf16": "OpenVINO BF16", "ov-int8": "OpenVINO INT8",
                   "trt-fp32": "TensorRT FP32", "trt-fp16": "TensorRT FP16", "trt-int8": "TensorRT INT8"}
 
 
@@ -29,7 +31,7 @@ class BenchConfig:
     models: list[str] = field(default_factory=lambda: ["scarlet_a", "scarlet_b", "scarlet_c", "efficientnet_lite0"])
     backends: list[str] = field(default_factory=lambda: list(BACKENDS))
     batches: list[int] = field(default_factory=lambda: [1, 8])
-    threads: int | None = None  # None: physical cores, for torch and onnxruntime alike
+    threads: int | None = None  # None: physical cores, for torch, onnxruntime and OpenVINO alike
     build_dir: Path = Path("build")
     engines: list[Path] = field(default_factory=list)
     repeats: int = 5
@@ -146,11 +148,14 @@ def plan_model(model: str, cfg: BenchConfig, loaded=None) -> ModelPlan:
     skipped: dict[str, str] = {}
     trt_reason = trt_unavailable() if any(b.startswith("trt-") for b in cfg.backends) else None
     for b in cfg.backends:
-        if b == "torch":
+        why_not = ov_unavailable(b) if b in OV_BACKENDS else None
+        if why_not:
+            skipped[b] = why_not
+        elif b == "torch":
             arts[b] = Artifact(b, None, 0.0)  # size filled in once the model is built
-        elif b == "ort":
+        elif b in ("ort", "ov", "ov-bf16"):
             arts[b] = Artifact(b, onnx_path, _mb(onnx_path))
-        elif b == "ort-int8":
+        elif b in ("ort-int8", "ov-int8"):  # both run the one Q/DQ file `make calib` writes
             p = cfg.build_dir / f"{model}.int8.onnx"
             if not p.exists() and cfg.calibrate:
                 try:

@@ -5,7 +5,7 @@ from typing import Any
 from scarlet_deploy.runtime.bench.plan import BACKEND_LABELS
 from scarlet_deploy.runtime.core.host import load_text
 from scarlet_deploy.runtime.core.report import markdown_table
-from scarlet_deploy.runtime.measure import Ratio
+from scarlet_deploy.runtime.measure import Ratio, paired_ratio
 
 
 def _ratio_text(r: dict[str, float] | None) -> str:
@@ -46,7 +46,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"backend after warm-up, whole run {data['elapsed_s']:.0f} s. {load_text(data.get('machine_load'))}",
         f"CPU ISA: {env['machine'].get('isa', 'not recorded')}. " + peak_text(peak),
         f"PyTorch eager: {st['torch']['mode']}, {st['torch']['threads']} threads, "
-        f"channels_last {'on' if st['torch']['channels_last'] else 'off'}. onnxruntime (CPU): {_ort_text(st['ort'])}.",
+        f"channels_last {'on' if st['torch']['channels_last'] else 'off'}. onnxruntime (CPU): {_ort_text(st['ort'])}."
+        + _ov_text(st.get("openvino")),
         "",
         markdown_table(TABLE_HEADERS, rows).rstrip(),
         "",
@@ -95,16 +96,28 @@ def _ort_text(o: dict[str, Any]) -> str:
     return f"{o['threads']} threads, {o['opt_level']}, {o['execution_mode']}, arena {'on' if o['memory_arena'] else 'off'}"
 
 
+def _ov_text(ov: dict[str, dict[str, Any]] | None) -> str:
+    if not ov:
+        return ""
+    hints = ", ".join(f"{BACKEND_LABELS.get(b, b)} {o['precision']}" for b, o in ov.items())
+    o = next(iter(ov.values()))
+    return (f" OpenVINO (CPU): INFERENCE_NUM_THREADS {o['threads']}, PERFORMANCE_HINT {o['hint']}, "
+            f"ENABLE_CPU_PINNING {'on' if o['pin_threads'] else 'off'}, INFERENCE_PRECISION_HINT for float ops: {hints}; "
+            "one compiled model per batch size.")
+
+
 def summary_lines(data: dict[str, Any]) -> list[str]:
     """The numbers the project's targets are stated in, one line per model."""
     big, out = max(data["config"]["batches"]), []
     for m in data["models"]:
         cell = {(r["backend"], r["batch"]): r for r in data["results"] if r["model"] == m}
         parts = []
-        for b, ref, label in (("ort", "torch", "ORT FP32 / PyTorch"), ("ort-int8", "ort", "ORT INT8 / ORT FP32")):
-            r = cell.get((b, big))
-            if r and r.get(f"vs_{ref}"):
-                parts.append(f"{label} {r[f'vs_{ref}']['median']:.2f}x at batch {big}")
+        for b, ref, label in (("ort", "torch", "ORT FP32 / PyTorch"), ("ort-int8", "ort", "ORT INT8 / ORT FP32"),
+                              ("ov-int8", "ort-int8", "OpenVINO INT8 / ORT INT8")):
+            r, r_ref = cell.get((b, big)), cell.get((ref, big))
+            if r and r_ref:  # paired round by round, like every ratio in the table
+                ratio = paired_ratio(r["throughput_rounds"], r_ref["throughput_rounds"])
+                parts.append(f"{label} {ratio.median:.2f}x at batch {big}")
         r1 = cell.get(("ort", 1))
         if r1 and "latency_vs_torch" in r1:
             parts.append(f"batch-1 latency PyTorch / ORT FP32 {r1['latency_vs_torch']:.2f}x")

@@ -34,6 +34,7 @@ from scarlet_deploy.runtime.core.report import environment
 from scarlet_deploy.runtime.measure import CellStats, measure_interleaved, paired_ratio
 from scarlet_deploy.runtime.peak import KINDS as PEAK_KINDS
 from scarlet_deploy.runtime.peak import measure_peak, peak_kind, share_of_peak
+from scarlet_deploy.runtime.runners.openvino import OV_BACKENDS, OvOptions
 from scarlet_deploy.runtime.runners.ort import OrtOptions
 from scarlet_deploy.runtime.runners.pytorch import torch_module
 from scarlet_deploy.runtime.runners.registry import open_runner
@@ -76,14 +77,16 @@ def known_accuracy(plan: ModelPlan, reports_dir: Path) -> dict[str, float]:
                     and (t.get("int8") or {}).get("top1") is not None:
                 out["ort-int8"] = float(t["int8"]["top1"])
     verify = _read_json(reports_dir / f"verify-{plan.model}.json")
-    if verify:  # top-1 there is a fraction; rows are matched to what is benchmarked by file name
+    if verify:  # top-1 there is a fraction; rows are matched to what is benchmarked by backend and file name
         ref = verify.get("reference") or {}
         if ref.get("top1") is not None and "torch" in plan.artifacts:
             out["torch"] = 100 * float(ref["top1"])
-        names = {a.path.name: b for b, a in plan.artifacts.items() if a.path is not None}
+        names = {(b, a.path.name) for b, a in plan.artifacts.items() if a.path is not None}
         for row in verify.get("backends") or []:
-            b = names.get(Path(row.get("path") or "").name)
-            if b and row.get("top1") is not None:
+            file = Path(row.get("path") or "").name
+            # Reports from before OpenVINO name no backend: their rows are onnxruntime's.
+            b = row.get("backend") or next((b for b, f in names if f == file and b.startswith("ort")), None)
+            if (b, file) in names and row.get("top1") is not None:
                 out[b] = 100 * float(row["top1"])
     return out
 
@@ -130,7 +133,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                    "repeats": cfg.repeats, "seconds": cfg.seconds, "warmup_s": cfg.warmup_s, "input": "seeded N(0,1) float32"},
         "settings": {"torch": {"mode": "eval + torch.inference_mode", "threads": cfg.threads,
                                "channels_last": cfg.torch_channels_last},
-                     "ort": {**asdict(cfg.ort), "provider": "CPUExecutionProvider"}},
+                     "ort": {**asdict(cfg.ort), "provider": "CPUExecutionProvider"},
+                     "openvino": {b: asdict(OvOptions.for_backend(b, cfg.threads)) for b in cfg.backends if b in OV_BACKENDS}},
         "peak": {k: {**p.to_dict(), "samples_gops": [s.gops for s in peaks[k]]} for k, p in best.items()},
         "peak_invalid": sorted({f"{r['model']} {r['backend']}" for r in rows
                                 if r["peak_kind"] and r["pct_peak"] is None}),

@@ -51,18 +51,12 @@ MAX_BYTES = 256 * 2**20  # far above any photo; a bigger file is not one
 def read_image_bytes(path: str | os.PathLike) -> bytes:
     """The bytes of an image file, refused (UnreadableImage) unless it is a regular file of sane size
     whose header declares at most MAX_PIXELS pixels. Reading a FIFO or a device would block forever."""
-    import io
-
-    from PIL import Image
-
     try:
         st = os.stat(path)
     except OSError as e:
         raise UnreadableImage(f"{path}: cannot be read ({e.strerror or e})") from None
     if not stat.S_ISREG(st.st_mode):
         raise UnreadableImage(f"{path}: not a regular file (a FIFO, device, socket or folder); pass image files")
-    if st.st_size == 0:
-        raise UnreadableImage(f"{path}: empty file (0 bytes)")
     if st.st_size > MAX_BYTES:
         raise UnreadableImage(f"{path}: {st.st_size / 2**20:.0f} MiB is more than an image file should be "
                               f"(limit {MAX_BYTES // 2**20} MiB)")
@@ -71,19 +65,33 @@ def read_image_bytes(path: str | os.PathLike) -> bytes:
             data = f.read()
     except OSError as e:
         raise UnreadableImage(f"{path}: cannot be read ({e.strerror or e})") from None
+    check_image_bytes(data, str(path))
+    return data
+
+
+def check_image_bytes(data: bytes, source: str) -> None:
+    """Refuse (UnreadableImage, naming `source`) encoded bytes that are empty, not an image, or whose
+    header declares more than MAX_PIXELS pixels: read from the header, before anything is decoded."""
+    import io
+
+    from PIL import Image
+
+    if not len(data):
+        raise UnreadableImage(f"{source}: empty file (0 bytes)")
+    if len(data) > MAX_BYTES:
+        raise UnreadableImage(f"{source}: {len(data) / 2**20:.0f} MiB is more than an image should be (limit {MAX_BYTES // 2**20} MiB)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with a clearer message
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
     except Image.DecompressionBombError:
-        raise UnreadableImage(f"{path}: declares more than twice the {MAX_PIXELS / 1e6:.0f} M pixel limit; "
+        raise UnreadableImage(f"{source}: declares more than twice the {MAX_PIXELS / 1e6:.0f} M pixel limit; "
                               "downscale it first") from None
     except Image.UnidentifiedImageError:
-        raise UnreadableImage(f"{path}: not an image (no format PIL or OpenCV reads)") from None
+        raise UnreadableImage(f"{source}: not an image (no format PIL or OpenCV reads)") from None
     except (OSError, ValueError) as e:
-        raise UnreadableImage(f"{path}: not a readable image ({e})") from None
+        raise UnreadableImage(f"{source}: not a readable image ({e})") from None
     if w * h > MAX_PIXELS:
-        raise UnreadableImage(f"{path}: {w}x{h} is {w * h / 1e6:.0f} M pixels, over the {MAX_PIXELS / 1e6:.0f} M pixel "
+        raise UnreadableImage(f"{source}: {w}x{h} is {w * h / 1e6:.0f} M pixels, over the {MAX_PIXELS / 1e6:.0f} M pixel "
                               "limit; downscale it first")
-    return data

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from scarlet_deploy.runtime.data.images import UnreadableImage, read_image_bytes
+from scarlet_deploy.runtime.data.images import UnreadableImage, check_image_bytes, read_image_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -71,11 +71,17 @@ def reference(path: str | os.PathLike, p: Preprocess) -> np.ndarray:
 
 def deploy(path: str | os.PathLike, p: Preprocess) -> np.ndarray:
     """(3, crop, crop) float32 through OpenCV: decode, area/linear resize, centre crop."""
+    return deploy_bytes(np.frombuffer(read_image_bytes(path), np.uint8), p, str(path))  # regular files only, pixel cap
+
+
+def deploy_bytes(data: np.ndarray, p: Preprocess, source: str = "image") -> np.ndarray:
+    """`deploy` on an encoded file already in memory (uint8 bytes), as the server receives it."""
     import cv2
 
-    img = cv2.imdecode(np.frombuffer(read_image_bytes(path), np.uint8), cv2.IMREAD_COLOR)
+    check_image_bytes(data.tobytes(), source)  # the same limits for bytes received by the server
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if img is None:
-        raise UnreadableImage(f"{path}: not a readable image (OpenCV could not decode it)")
+        raise UnreadableImage(f"{source}: not a readable image (OpenCV could not decode it)")
     h, w = img.shape[:2]
     nw, nh = _resized_size(w, h, p.resize)
     interp = cv2.INTER_AREA if nw < w else cv2.INTER_LINEAR

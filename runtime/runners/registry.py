@@ -6,16 +6,20 @@ from typing import Any
 
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.runners.base import Runner
+from scarlet_deploy.runtime.runners.openvino import OvOptions, OvRunner
 from scarlet_deploy.runtime.runners.ort import OrtOptions, OrtRunner
 
-KINDS = ("torch", "ort", "trt")
+KINDS = ("torch", "ort", "ov", "trt")
+# Runtimes that take any of our ONNX files (FP32, FP16, Q/DQ INT8) as they are; ov-bf16 an FP32 one.
+ONNX_RUNTIMES = ("ort", "ov", "ov-bf16")
 
 
 def open_runner(kind: str, path: str | os.PathLike | None = None, *, name: str | None = None,
                 threads: int | None = None, ort: OrtOptions | None = None, module: Any = None) -> Runner:
-    """A runner of `kind` (not loaded yet): torch over an nn.Module, ort over an ONNX file, trt over a plan.
+    """A runner of `kind` (not loaded yet): torch over an nn.Module, ort and ov over an ONNX file, trt over a plan.
 
     Backend names such as `ort-int8` or `trt-fp16` select by their prefix: the precision lives in the artifact.
+    `ov-bf16` is the exception: the same FP32 ONNX, with OpenVINO running its float ops in bf16.
     """
     family = kind.split("-", 1)[0]
     if family == "torch":
@@ -25,6 +29,8 @@ def open_runner(kind: str, path: str | os.PathLike | None = None, *, name: str |
     if family == "ort":
         options = ort or OrtOptions(threads=threads)
         return OrtRunner(path, name=name or kind, options=options)
+    if family == "ov":
+        return OvRunner(path, name=name or kind, options=OvOptions.for_backend(kind, threads))
     if family == "trt":
         from scarlet_deploy.runtime.runners.trt import TrtRunner
 

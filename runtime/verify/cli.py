@@ -5,6 +5,7 @@ from pathlib import Path
 
 from scarlet_deploy.runtime.core import cli_types
 from scarlet_deploy.runtime.core.paths import check_output
+from scarlet_deploy.runtime.runners.registry import ONNX_RUNTIMES
 from scarlet_deploy.runtime.verify.compare import Thresholds
 from scarlet_deploy.runtime.verify.config import VerifyConfig
 from scarlet_deploy.runtime.verify.report import render_markdown
@@ -27,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also every DIR/<model>*.onnx whose manifest names this model (FP32, FP16, INT8); "
                         "exports DIR/<model>.onnx first when there is none")
     p.add_argument("--engine", action="append", type=Path, default=[], help="TensorRT plan (repeatable; GPU only)")
+    p.add_argument("--backends", type=lambda t: [r.strip() for r in t.split(",") if r.strip()], default=["ort"],
+                   help=f"CPU runtimes every ONNX runs on, comma-separated: {', '.join(ONNX_RUNTIMES)} (default ort); "
+                        "each gated by its precision's threshold, unavailable ones skipped with the reason")
     p.add_argument("--val-dir", type=Path, help="DIR/<wnid>/*.JPEG, an ImageNet root with val/, or flat "
                    "ILSVRC2012_val_*.JPEG (+ LOC_val_solution.csv); default: the shared sample, else sample photos")
     p.add_argument("--limit", type=cli_types.positive_int, help="only N images, spread over the folder")
@@ -39,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp32-min-agreement", type=cli_types.fraction, default=t.fp32_min_agreement)
     p.add_argument("--fp16-min-agreement", type=cli_types.fraction, default=t.fp16_min_agreement)
     p.add_argument("--int8-min-agreement", type=cli_types.fraction, default=t.int8_min_agreement)
+    p.add_argument("--bf16-min-agreement", type=cli_types.fraction, default=t.bf16_min_agreement, help="for FP32 ONNX on ov-bf16")
     p.add_argument("--json", help="write the full report (every number, manifests, versions) here")
     p.add_argument("--markdown", help="write the markdown report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -49,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
     from scarlet_deploy.runtime.core.report import write_reports
 
     cfg = VerifyConfig(
-        model=args.model, onnx=args.onnx, engines=args.engine, auto_onnx=args.auto_onnx, let=args.let,
+        model=args.model, onnx=args.onnx, engines=args.engine, backends=args.backends, auto_onnx=args.auto_onnx, let=args.let,
         checkpoint=args.checkpoint, seed=args.seed, val_dir=args.val_dir, limit=args.limit, batch=args.batch,
         workers=args.workers, threads=args.threads, pipeline_parity=args.pipeline_parity,
         thresholds=Thresholds(args.fp32_max_rel_error, args.fp32_min_agreement, args.fp16_min_agreement,
-                              args.int8_min_agreement),
+                              args.int8_min_agreement, args.bf16_min_agreement),
         progress=not args.quiet)
     found = sorted(args.auto_onnx.glob(f"{args.model}*.onnx")) if args.auto_onnx and args.auto_onnx.is_dir() else []
     inputs = [("--onnx", o) for o in args.onnx] + [("--auto-onnx", o) for o in found] + \

@@ -17,6 +17,8 @@ class Thresholds:
     fp32_min_agreement: float = 1.0
     fp16_min_agreement: float = 0.99
     int8_min_agreement: float = 0.95
+    # bf16 keeps 8 significant bits where fp16 keeps 11: its own floor, below fp16's.
+    bf16_min_agreement: float = 0.98
 
     def __post_init__(self) -> None:
         for name, v in asdict(self).items():
@@ -30,7 +32,7 @@ class Thresholds:
         if precision == "fp32":
             rule = f"agree >= {self.fp32_min_agreement:.2%}, rel err <= {self.fp32_max_rel_error:g}"
             return finite and agreement >= self.fp32_min_agreement and rel_error <= self.fp32_max_rel_error, rule
-        floor = self.fp16_min_agreement if precision == "fp16" else self.int8_min_agreement
+        floor = {"fp16": self.fp16_min_agreement, "bf16": self.bf16_min_agreement}.get(precision, self.int8_min_agreement)
         return finite and agreement >= floor, f"agree >= {floor:.2%}"
 
 

@@ -11,6 +11,7 @@ class VerifyConfig:
     model: str
     onnx: list[Path] = field(default_factory=list)
     engines: list[Path] = field(default_factory=list)
+    backends: list[str] = field(default_factory=lambda: ["ort"])  # CPU runtimes every ONNX runs on (ONNX_RUNTIMES)
     auto_onnx: Path | None = None  # use every <dir>/<model>*.onnx whose manifest names this model
     let: bool = False
     checkpoint: str | None = None

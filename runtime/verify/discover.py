@@ -8,18 +8,27 @@ from typing import Any
 from scarlet_deploy.export.registry import get_spec
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.onnx_io import check_classifier
+from scarlet_deploy.runtime.runners.openvino import OV_BACKENDS, ov_unavailable
+from scarlet_deploy.runtime.runners.registry import ONNX_RUNTIMES
 from scarlet_deploy.runtime.verify.config import VerifyConfig
 
 
 @dataclass
 class Backend:
-    """One thing to compare with PyTorch: an ONNX model for onnxruntime, or a TensorRT plan."""
+    """One thing to compare with PyTorch: an ONNX model on a CPU runtime, or a TensorRT plan."""
 
     name: str
-    kind: str  # ort | trt
+    kind: str  # one of ONNX_RUNTIMES (an INT8 ONNX on ort or ov is bench's ort-int8 or ov-int8), or trt
     path: Path
-    precision: str  # fp32 | fp16 | int8
+    precision: str  # fp32 | fp16 | int8, or bf16 for an FP32 ONNX on ov-bf16
     manifest: dict[str, Any] | None
+
+    @property
+    def backend(self) -> str:
+        """The name bench uses for this runtime and artifact: ort, ort-int8, ov, ov-int8, ov-bf16, trt-fp16, ..."""
+        if self.kind == "trt":
+            return f"trt-{self.precision}"
+        return self.kind if self.precision in ("fp32", "bf16") else f"{self.kind}-{self.precision}"
 
 
 def _origin(manifest: dict[str, Any] | None) -> dict[str, Any]:
@@ -121,23 +130,61 @@ def resolve_backends(cfg: VerifyConfig, loaded) -> tuple[list[Backend], list[str
         paths += [p for p in auto if p not in paths]
     if not paths and not cfg.engines:
         raise ScarletError("nothing to verify: pass --onnx M.onnx (repeatable), --auto-onnx BUILD_DIR or --engine M.plan.")
+    runtimes, runtime_notes = available_runtimes(cfg.backends)
     spec = get_spec(cfg.model)
-    for p in paths:  # before describe_backend reads the graph: a non-ONNX file or another model's shape is one sentence
-        check_classifier(p, spec.preprocess.crop, spec.num_classes, cfg.model)
-    backends = [describe_backend(p, "ort") for p in paths] + [describe_backend(p, "trt") for p in cfg.engines]
-    for b in backends:
+    for p in paths if runtimes else ():  # before describe_backend reads the graph: a non-ONNX file or another
+        check_classifier(p, spec.preprocess.crop, spec.num_classes, cfg.model)  # model's shape is one sentence
+    files = [describe_backend(p, "ort") for p in paths]
+    for b in files:
         check_weights(b, loaded.name, loaded.let, loaded.checkpoint_sha256)
-    backends.sort(key=lambda b: (b.kind != "ort", PRECISIONS.index(b.precision)))
-    return backends, notes
+    backends = [b for r in runtimes for b in on_runtime(files, r, runtime_notes)]
+    engines = [describe_backend(p, "trt") for p in cfg.engines]
+    for b in engines:
+        check_weights(b, loaded.name, loaded.let, loaded.checkpoint_sha256)
+    order = ("fp32", "bf16", "fp16", "int8")
+    backends.sort(key=lambda b: (runtimes.index(b.kind), order.index(b.precision)))
+    engines.sort(key=lambda b: order.index(b.precision))
+    if not backends and not engines:  # a PASS with nothing compared would be a lie
+        raise ScarletError(f"nothing to verify here: {'; '.join(runtime_notes)}. Add ort to --backends or install what is missing.")
+    return backends + engines, notes + runtime_notes
+
+
+def available_runtimes(requested: list[str]) -> tuple[list[str], list[str]]:
+    """The requested runtimes that can run here, and a note for each that cannot (skipped, not an error)."""
+    bad = [r for r in requested if r not in ONNX_RUNTIMES]
+    if bad:
+        raise ScarletError(f"unknown --backends {', '.join(bad)}; choose from {', '.join(ONNX_RUNTIMES)} (an INT8 ONNX "
+                           "on ort or ov is verified as ort-int8 or ov-int8; TensorRT plans come with --engine).")
+    runtimes, notes = [], []
+    for r in dict.fromkeys(requested):
+        why = ov_unavailable(r) if r in OV_BACKENDS else None
+        if why:
+            notes.append(f"backend {r} skipped: {why}")
+        else:
+            runtimes.append(r)
+    return runtimes, notes
+
+
+def on_runtime(files: list[Backend], runtime: str, notes: list[str]) -> list[Backend]:
+    """Each ONNX as a backend of `runtime`; ov-bf16 takes only FP32 files (it lowers their float ops to bf16)."""
+    out = []
+    for f in files:
+        if runtime == "ov-bf16" and f.precision != "fp32":
+            notes.append(f"{f.name} not run on ov-bf16: it is {f.precision}, and ov-bf16 lowers the float ops of an FP32 ONNX")
+            continue
+        precision = "bf16" if runtime == "ov-bf16" else f.precision
+        name = f.name if runtime == "ort" else f"{f.name} on {runtime}"
+        out.append(Backend(name, runtime, f.path, precision, f.manifest))
+    return out
 
 
 def calibration_overlap(backends: list[Backend], root: Path) -> list[str]:
     """Say so when an INT8 model was calibrated on images from the folder its accuracy is measured on."""
     notes = []
-    for b in backends:
+    for b in {b.path: b for b in backends}.values():  # one note per file, however many runtimes run it
         cal = (b.manifest or {}).get("calibration_images") or {}
         if cal.get("dir") and Path(cal["dir"]).resolve() == Path(root).resolve():
-            notes.append(f"{b.name} was calibrated on {cal.get('count', '?')} images of this same folder: "
+            notes.append(f"{b.path.name} was calibrated on {cal.get('count', '?')} images of this same folder: "
                          "its accuracy here overlaps its calibration set (use a disjoint --val-dir for a clean number)")
     return notes
 

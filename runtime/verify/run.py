@@ -115,7 +115,7 @@ def verify(cfg: VerifyConfig, loaded=None) -> VerifyReport:
     for b, st in zip(backends, stats):
         d = st.as_dict()
         ok, rule = cfg.thresholds.check(b.precision, d["top1_agreement"], d["max_rel_error"] or 0.0, d["nonfinite_logits"])
-        rows.append({"name": b.name, "kind": b.kind, "path": str(b.path), "precision": b.precision,
+        rows.append({"name": b.name, "kind": b.kind, "backend": b.backend, "path": str(b.path), "precision": b.precision,
                      "preprocessing": "reference", "passed": ok, "rule": rule, **d,
                      "images_per_s": d["images"] / st.seconds if st.seconds else None, "manifest": b.manifest})
     pipe = None

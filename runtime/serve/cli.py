@@ -1,0 +1,165 @@
+"""`scarlet serve`, `scarlet triton` and `scarlet serve-load`."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from scarlet_deploy.export.registry import MODELS, get_spec
+from scarlet_deploy.runtime.core.artifacts import read_manifest
+from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.host import physical_cores
+from scarlet_deploy.runtime.core.report import write_reports
+from scarlet_deploy.runtime.data.images import default_val_dir, list_images
+from scarlet_deploy.runtime.serve.load import ENDPOINTS, PROTOCOLS, LoadConfig, markdown, measure
+from scarlet_deploy.runtime.serve.repository import (
+    Batching,
+    ExportRequest,
+    ServeRequest,
+    write_serving_repository,
+    write_triton_repository,
+)
+from scarlet_deploy.runtime.serve.server import Ports, TritonServer, free_ports, launcher_paths
+
+
+def default_name(onnx: str) -> str:
+    """The manifest's registry model, else the file's stem: Triton model names are directory names."""
+    m = read_manifest(onnx) or {}
+    return m.get("model") or Path(onnx).name.split(".")[0]
+
+
+def _batching_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch", type=int, default=32, help="largest dynamic batch (default 32)")
+    p.add_argument("--max-queue-delay-us", type=int, default=2000,
+                   help="how long Triton may hold a request to grow a batch (default 2000 us)")
+    p.add_argument("--instances", type=int, default=1, help="model instances (stub processes) per model (default 1)")
+
+
+def _batching(args: argparse.Namespace) -> Batching:
+    if args.max_batch < 1 or args.instances < 1 or args.max_queue_delay_us < 0:
+        raise ScarletError("--max-batch and --instances must be at least 1 and --max-queue-delay-us not negative.")
+    return Batching(args.max_batch, args.max_queue_delay_us, args.instances)
+
+
+def _serve_request(args: argparse.Namespace) -> ServeRequest:
+    name = args.model or default_name(args.onnx)
+    return ServeRequest(Path(args.onnx), name, Path(args.engine) if args.engine else None,
+                        model=args.preprocess_model or (name if name in MODELS else None),
+                        # Instances split the cores between them rather than each taking all of them.
+                        threads=args.threads or max(1, physical_cores() // args.instances), batching=_batching(args))
+
+
+def _artifact_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--onnx", required=True, help="the exported ONNX (names, types and dims are read from it)")
+    p.add_argument("--engine", help="a TensorRT plan built from that ONNX by `scarlet engine` (GPU only)")
+    p.add_argument("--model", help="Triton model name (default: the manifest's model, else the file name)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model with Triton Inference Server (HTTP/REST and gRPC) until Ctrl-C")
+    _artifact_args(p)
+    p.add_argument("--preprocess-model", help="registry model whose preprocessing NAME_image applies "
+                                              "(default: the ONNX manifest's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--threads", type=int, help="onnxruntime threads per instance (default: physical cores)")
+    p.add_argument("--log", help="append Triton's log to this file (default: discarded)")
+    _batching_args(p)
+    p.set_defaults(func=run_serve)
+
+    p = sub.add_parser("triton", help="write a Triton model repository (onnxruntime or TensorRT) for your own Triton")
+    _artifact_args(p)
+    p.add_argument("-o", "--out", required=True, help="repository directory (NAME/ is created inside it)")
+    p.add_argument("--gpu", action="store_true", help="ONNX: GPU instance group instead of CPU")
+    _batching_args(p)
+    p.set_defaults(func=run_triton)
+
+    p = sub.add_parser("serve-load", help="concurrent single-image clients against `scarlet serve`'s Triton, "
+                                          "next to in-process onnxruntime")
+    _artifact_args(p)
+    p.add_argument("--preprocess-model", help=argparse.SUPPRESS)
+    p.add_argument("--images", help="folder of real images to send (default: the shared ImageNet sample)")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=10.0, help="per round and side (default 10)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+    p.add_argument("--endpoint", choices=ENDPOINTS, default="tensor",
+                   help="tensor: NAME with preprocessed images; image: NAME_image with the encoded files")
+    p.add_argument("--threads", type=int, help="onnxruntime threads, served and in-process (default: physical cores)")
+    p.add_argument("--log", help="append Triton's log to this file")
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    _batching_args(p)
+    p.set_defaults(func=run_load)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, _frame) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    req = _serve_request(args)
+    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    with tempfile.TemporaryDirectory(prefix="scarlet-serve-") as repo:
+        served = write_serving_repository(req, Path(repo), launcher_paths())
+        server = TritonServer(Path(repo), ports, host=args.host, log_path=Path(args.log) if args.log else None)
+        previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            server.start()
+            print(f"serving {', '.join(served['models'])} ({served['backend']} over {served['artifact']}; dynamic batches "
+                  f"up to {served['max_batch']}, {served['max_queue_delay_us']} us queue delay, {served['instances']} "
+                  f"instance(s))\n  HTTP/REST http://{server.http_url}/v2/models/{req.name}\n  gRPC      {server.grpc_url}"
+                  f"\n  metrics   http://{args.host}:{ports.metrics}/metrics\nCtrl-C or SIGTERM stops it.", flush=True)
+            while server.proc.poll() is None:
+                time.sleep(0.5)
+            raise ScarletError(f"tritonserver exited on its own with status {server.proc.returncode}; "
+                               "rerun with --log FILE to see why.")
+        except _Stop as s:
+            print(f"{s}: stopping Triton ...", file=sys.stderr, flush=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+            code = server.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    # stop() has reaped the server and checked that nothing of its process group is left.
+    print(f"Triton stopped (status {code}); no process left, ports freed.", file=sys.stderr)
+    return 0
+
+
+def run_triton(args: argparse.Namespace) -> int:
+    name = args.model or default_name(args.onnx)
+    d = write_triton_repository(ExportRequest(Path(args.onnx), Path(args.out), name,
+                                              Path(args.engine) if args.engine else None,
+                                              "KIND_GPU" if args.gpu else "KIND_CPU", _batching(args)))
+    print(f"wrote {d}: run `tritonserver --model-repository={Path(args.out).resolve()}`")
+    return 0
+
+
+def run_load(args: argparse.Namespace) -> int:
+    req = _serve_request(args)
+    if args.engine:
+        raise ScarletError("serve-load compares with in-process onnxruntime; run it with --onnx only.")
+    root = Path(args.images) if args.images else default_val_dir()
+    files = list_images(root)[:64] if root else []
+    cfg = LoadConfig(args.clients, args.seconds, args.rounds, args.protocol, args.endpoint)
+    with tempfile.TemporaryDirectory(prefix="scarlet-serve-") as repo:
+        served = write_serving_repository(req, Path(repo), launcher_paths())
+        with TritonServer(Path(repo), free_ports(), log_path=Path(args.log) if args.log else None) as server:
+            url = server.grpc_url if cfg.protocol == "grpc" else server.http_url
+            result = measure(url, req.name, Path(args.onnx), files, get_spec(served["model"]).preprocess, cfg,
+                             threads=args.threads, server_pgid=server.proc.pid)
+    result["served"] = served
+    text = markdown(result)
+    write_reports(result, text, args.json, args.markdown)
+    print(text)
+    return 0
