@@ -20,13 +20,14 @@ TOOLS = ("torch", "onnx", "onnxsim", "onnxruntime", "openvino", "numpy", "opencv
 
 def sha256_file(path: str | os.PathLike) -> str:
     st = os.stat(path)
-    return _sha256(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    return _sha256(os.path.realpath(path), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 @functools.lru_cache(maxsize=64)
-def _sha256(path: str, mtime_ns: int, size: int) -> str:
-    # Keyed by modification time and size: one command reads a manifest several times, and a
-    # 30 MB model should be hashed once, but a file rewritten in between is hashed again.
+def _sha256(path: str, dev: int, ino: int, mtime_ns: int, size: int) -> str:
+    # Keyed by inode, modification time and size: one command reads a manifest several times, and a
+    # 30 MB model should be hashed once, but a file replaced (atomic writes make a new inode) or
+    # rewritten in between is hashed again.
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

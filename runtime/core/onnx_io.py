@@ -29,7 +29,7 @@ def _dims(value_info) -> tuple[Dim, ...]:
 
 
 @lru_cache(maxsize=32)
-def _read_io(path: str, mtime_ns: int, size: int) -> tuple[list, list]:
+def _read_io(path: str, ino: int, mtime_ns: int, size: int) -> tuple[list, list]:
     import onnx
 
     try:
@@ -51,7 +51,7 @@ def read_io(path: str | os.PathLike) -> tuple[list[tuple[str, tuple[Dim, ...]]],
     if not os.path.isfile(path):
         raise ScarletError(f"ONNX model {path} does not exist (or is not a file); create it with `scarlet export` (or `make export`).")
     st = os.stat(path)
-    return _read_io(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    return _read_io(os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def check_classifier(path: str | os.PathLike, image_size: int = 224, num_classes: int = 1000,
