@@ -117,7 +117,7 @@ def resolve_backends(cfg: VerifyConfig, loaded) -> tuple[list[Backend], list[str
             export_model(ExportConfig(cfg.model, out, cfg.let, cfg.checkpoint, seed=cfg.seed), loaded)
             auto = [out]
         paths += [p for p in auto if p not in paths]
-    if not paths and not cfg.engines:
+    if not paths and not cfg.engines and not cfg.reference_only:
         raise ScarletError("nothing to verify: pass --onnx M.onnx (repeatable), --auto-onnx BUILD_DIR or --engine M.plan.")
     backends = [describe_backend(p, "ort") for p in paths] + [describe_backend(p, "trt") for p in cfg.engines]
     for b in backends:
