@@ -150,12 +150,12 @@ def run_check(cfg: CheckConfig) -> dict[str, Any]:
 
     here = require_gpu()  # before anything is imported, exported, built or written
 
-    import torch
     from tqdm import tqdm
 
     from scarlet_deploy.export.registry import get_spec
     from scarlet_deploy.runtime.core.report import environment
     from scarlet_deploy.runtime.data.preprocess import load_batch
+    from scarlet_deploy.runtime.runners.pytorch import TorchRunner
 
     t0 = time.perf_counter()
     cfg.build_dir.mkdir(parents=True, exist_ok=True)
@@ -165,9 +165,9 @@ def run_check(cfg: CheckConfig) -> dict[str, Any]:
     for model in cfg.models:
         onnx_path = _ensure_onnx(model, cfg.build_dir)
         x = load_batch(files, get_spec(model).preprocess, "reference")
-        torch_model = _reference_model(model, onnx_path)
-        with torch.inference_mode():
-            reference = torch.cat([torch_model(torch.from_numpy(x[i:i + 32])) for i in range(0, len(x), 32)]).numpy()
+        # The reference on the GPU too (TF32 off: still an FP32 reference), as `scarlet verify --device cuda` runs it.
+        with TorchRunner(_reference_model(model, onnx_path), device="cuda:0") as torch_runner:
+            reference = np.concatenate([torch_runner.infer(x[i:i + 32]) for i in range(0, len(x), 32)])
         for precision in cfg.precisions:
             bar.set_postfix_str(f"{model} {precision}")
             if time.perf_counter() - t0 > cfg.budget_s:
@@ -188,7 +188,7 @@ def run_check(cfg: CheckConfig) -> dict[str, Any]:
         "gpu": {"name": here.gpu_name, "compute_capability": here.compute_capability},
         "images": len(files), "labelled": labels is not None, "profile": list(PROFILE),
         "iters": cfg.iters, "warmup": cfg.warmup, "gates": GATES,
-        "reference": "PyTorch (CPU, float32) on the reference preprocessing; plans use the same inputs",
+        "reference": "PyTorch (CUDA, float32, TF32 off) on the reference preprocessing; plans use the same inputs",
         "seconds": round(time.perf_counter() - t0, 1),
         "rows": [r.__dict__ for r in rows],
     }
