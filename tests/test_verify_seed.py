@@ -16,6 +16,7 @@ import torch
 
 from scarlet_deploy.runtime.cli import main
 from scarlet_deploy.runtime.verify import config as vcfg
+from scarlet_deploy.runtime.verify import report as vrep
 from scarlet_deploy.runtime.verify import run as vrun
 from scarlet_deploy.runtime.verify.journal import Journal
 
@@ -43,6 +44,15 @@ def _numbers(report: dict) -> dict:
     return {"reference": strip(report["reference"]), "backends": [strip(b) for b in report["backends"]],
             "pipeline": strip(report["pipeline"]), "skipped": report["skipped"], "dataset": report["dataset"],
             "passed": report["passed"]}
+
+
+def test_the_seed_result_line_is_the_seeds_format():
+    r = vrun.VerifyReport(model={}, dataset={}, reference={"images": 50000, "top1": 0.76912, "top5": 0.9331234},
+                          backends=[], pipeline=None, skipped=[], run={}, thresholds={}, notes=[], environment={})
+    # verify.py: '... Total: %d\tmTop1: %.4f\tmTop5: %.6f' % (count, top-1 %, top-5 %)
+    assert vrep.seed_result_line(r) == "Evaluate Result: Total: 50000\tmTop1: 76.9120\tmTop5: 93.312340"
+    r.reference = {"images": 0, "top1": None, "top5": None}  # unlabelled photos: the seed has no line to print
+    assert vrep.seed_result_line(r) is None
 
 
 def test_device_cuda_without_a_gpu_is_one_paragraph_and_exit_2(capsys):
