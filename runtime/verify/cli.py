@@ -3,9 +3,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.verify.compare import Thresholds
 from scarlet_deploy.runtime.verify.config import VerifyConfig
-from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.verify.report import render_markdown, seed_result_line
 from scarlet_deploy.runtime.verify.run import verify
 
@@ -69,23 +69,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     seed.add_argument("--val-dataset-root", type=Path, metavar="ROOT",
                       help="ROOT/valid/<wnid>/*.JPEG (what the seed's preprocess_val_dataset.sh makes); without "
                            "valid/, ROOT is read as --val-dir reads it")
-    seed.add_argument("--pretrained-path", type=Path, metavar="P",
+    seed.add_argument("--pretrained-path", metavar="P",
                       help="the same as --checkpoint: {'model_state': state_dict} (the SCARLET-NAS release) or a state_dict")
     seed.add_argument("--batch-size", type=int, metavar="N", help="the same as --batch")
     seed.add_argument("--device", choices=("cpu", "cuda"),
                       help="where the PyTorch reference runs (default cpu; the seed's default is cuda); "
                            "onnxruntime backends run on the CPU either way")
-    seed.add_argument("--gpu-id", type=int, metavar="N", help="the CUDA GPU of --device cuda (default 0; ignored on the CPU, as the seed does)")
+    seed.add_argument("--gpu-id", type=int, metavar="N",
+                      help="the CUDA GPU of --device cuda (default 0; ignored on the CPU, as the seed does)")
     p.set_defaults(func=run)
 
 
-def _merged(args: argparse.Namespace, ours: str, seeds: str) -> object:
+def _one(ours: object, seeds: object, flags: str) -> object:
     """One value from our flag and the seed's spelling of it; both given and different is an error."""
-    a, b = getattr(args, ours), getattr(args, seeds)
-    if a is not None and b is not None and a != b:
-        raise ScarletError(f"--{ours.replace('_', '-')} {a} and --{seeds.replace('_', '-')} {b} disagree; "
-                           "give one of them.")
-    return b if b is not None else a
+    if ours is not None and seeds is not None and ours != seeds:
+        raise ScarletError(f"{flags} disagree ({ours} and {seeds}); give one of them.")
+    return seeds if seeds is not None else ours
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,13 +93,12 @@ def run(args: argparse.Namespace) -> int:
     seed_style = args.model in SEED_MODELS or any(getattr(args, f) is not None for f in SEED_FLAGS)
     root = args.val_dataset_root
     seed_val_dir = (root / "valid" if (root / "valid").is_dir() else root) if root is not None else None
-    checkpoint = _merged(args, "checkpoint", "pretrained_path")
+    batch = _one(args.batch, args.batch_size, "--batch and --batch-size")
     cfg = VerifyConfig(
         model=SEED_MODELS.get(args.model, args.model), onnx=args.onnx, engines=args.engine, auto_onnx=args.auto_onnx,
-        let=args.let, checkpoint=str(checkpoint) if checkpoint is not None else None, seed=args.seed,
-        val_dir=_merged(argparse.Namespace(val_dir=args.val_dir, val_dataset_root=seed_val_dir), "val_dir",
-                        "val_dataset_root"),
-        limit=args.limit, batch=_merged(args, "batch", "batch_size") or 64,
+        let=args.let, checkpoint=_one(args.checkpoint, args.pretrained_path, "--checkpoint and --pretrained-path"),
+        seed=args.seed, val_dir=_one(args.val_dir, seed_val_dir, "--val-dir and --val-dataset-root"),
+        limit=args.limit, batch=64 if batch is None else batch,
         workers=args.workers, threads=args.threads, pipeline_parity=args.pipeline_parity,
         thresholds=Thresholds(args.fp32_max_rel_error, args.fp32_min_agreement, args.fp16_min_agreement,
                               args.int8_min_agreement),
