@@ -104,6 +104,11 @@ def test_the_seed_command_prints_its_line_and_a_second_check_reuses_the_referenc
     b = second["backends"][0]
     assert b["passed"] and b["top1"] == ref["top1"] and b["top1_agreement"] == 1.0
 
+    # PyTorch alone with its logits cached: nothing to decode or run, the same line.
+    assert main([*seed_cmd, "--json", str(tmp_path / "d.json")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == out[-1]
+    assert json.loads((tmp_path / "d.json").read_text())["reference"]["source"] == "cache"
+
     assert main([*seed_cmd, "--no-reference-cache", "--json", str(tmp_path / "c.json")]) == 0
     third = json.loads((tmp_path / "c.json").read_text())
     assert third["reference"]["source"] == "computed on cpu" and third["reference"]["cache"] is None
