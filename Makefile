@@ -34,10 +34,11 @@ $(STAMP): pyproject.toml constraints.txt
 export: setup
 	$(SCARLET) export-all --models $(MODELS) $(ckpt_arg) --out-dir $(BUILD)
 
-## make verify [MODEL=...] [LET=1] [CKPT=...] [VAL_DIR=...] [LIMIT=N] [BACKENDS=ort,ov,ov-bf16]: PyTorch vs every build/<model>*.onnx; exit 1 on failure
+## make verify [MODEL=...] [LET=1] [CKPT=...] [VAL_DIR=...] [LIMIT=N] [BACKENDS=ort,ov,ov-bf16] [DEVICE=cuda] [RESUME=1]: PyTorch vs every build/<model>*.onnx; exit 1 on failure
 BACKENDS ?=
 verify: setup
 	$(SCARLET) verify --model $(MODEL) $(if $(LET),--let) $(ckpt_arg) --auto-onnx $(BUILD) $(val_arg) $(limit_arg) $(if $(BACKENDS),--backends $(BACKENDS)) \
+	  $(if $(DEVICE),--device $(DEVICE)) $(if $(RESUME),--resume) --cache-dir $(BUILD) \
 	  --json $(REPORTS)/verify-$(MODEL)$(if $(LET),-let).json --markdown $(REPORTS)/verify-$(MODEL)$(if $(LET),-let).md
 
 ## make calib [MODEL=...] [CALIB_ARGS="--method entropy ..."]: INT8 Q/DQ ONNX for onnxruntime and TensorRT

@@ -200,11 +200,10 @@ class Checker:
     def inputs(self, model: str) -> tuple[Path, np.ndarray, np.ndarray]:
         """(FP32 ONNX, preprocessed images, PyTorch logits) for `model`, exported when missing."""
         if model not in self._inputs:
-            import torch
-
             from scarlet_deploy.export.onnx_export import ExportConfig, export_model
             from scarlet_deploy.export.registry import get_spec
             from scarlet_deploy.runtime.data.preprocess import load_batch
+            from scarlet_deploy.runtime.runners.pytorch import TorchRunner
 
             path = self.cfg.build_dir / f"{model}.onnx"
             if not path.is_file():
@@ -212,9 +211,9 @@ class Checker:
                 print(f"exporting {path}", file=sys.stderr)
                 export_model(ExportConfig(model, path))
             x = load_batch(self.files, get_spec(model).preprocess, "reference")
-            torch_model = _reference_model(model, path)
-            with torch.inference_mode():
-                ref = torch.cat([torch_model(torch.from_numpy(x[i:i + 32])) for i in range(0, len(x), 32)]).numpy()
+            # The reference on the GPU too (TF32 off: still an FP32 reference), as `scarlet verify --device cuda` runs it.
+            with TorchRunner(_reference_model(model, path), device="cuda:0") as torch_runner:
+                ref = np.concatenate([torch_runner.infer(x[i:i + 32]) for i in range(0, len(x), 32)])
             self._inputs[model] = (path, x, ref)
         return self._inputs[model]
 
@@ -295,7 +294,7 @@ def run_check(cfg: CheckConfig) -> dict[str, Any]:
         "tensorrt": here.tensorrt, "gpu": {"name": here.gpu_name, "compute_capability": here.compute_capability},
         "images": len(files), "labelled": labels is not None, "profile": list(PROFILE),
         "iters": cfg.iters, "warmup": cfg.warmup, "gates": GATES, "budget_s": cfg.budget_s,
-        "reference": "PyTorch (CPU, float32) on the reference preprocessing; plans use the same inputs",
+        "reference": "PyTorch (CUDA, float32, TF32 off) on the reference preprocessing; plans use the same inputs",
     }, len(cells))
     writer.write()
     with tqdm(total=len(cells), desc="gpu-check", unit="plan") as bar:

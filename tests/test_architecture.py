@@ -167,12 +167,19 @@ def test_installed_under_one_namespace():
 @pytest.mark.slow
 def test_the_wheel_installs_one_namespace(tmp_path):
     """What `pip wheel .` ships: everything under scarlet_deploy/, no generic top-level names."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
+    # Built from a copy of the tracked files: setuptools writes build/ and *.egg-info/ into the source tree.
+    src = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
+    for f in tracked:
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, src / f)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-                    str(ROOT)], check=True, capture_output=True)
+                    str(src)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("scarlet_deploy-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}

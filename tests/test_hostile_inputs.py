@@ -33,7 +33,7 @@ from scarlet_deploy.runtime.data import classes
 from scarlet_deploy.runtime.data.dataset import open_dataset
 from scarlet_deploy.runtime.data.images import MAX_PIXELS, UnreadableImage
 from scarlet_deploy.runtime.data.preprocess import deploy, reference
-from scarlet_deploy.runtime.verify.compare import Comparison, Thresholds
+from scarlet_deploy.runtime.verify.compare import Thresholds, backend_rows, compare, reference_rows
 
 TENCH, TOILET_TISSUE = "n01440764", "n15075141"  # first and last of the sorted ImageNet-1k wnids
 
@@ -161,17 +161,17 @@ def test_nonfinite_logits_fail_every_precision():
     ref = np.zeros((2, 1000), np.float32)
     ref[:, 0] = 5.0  # PyTorch says class 0, which is also argmax over an all-NaN row
     out = np.full((2, 1000), np.nan, np.float32)
-    c = Comparison()
-    c.update(ref, out, [type("Item", (), {"label": None, "path": Path(f"{i}.png")})() for i in range(2)])
-    d = c.as_dict()
-    assert d["nonfinite_logits"] == 2000 and math.isnan(d["max_abs_error"])
-    for precision in ("fp32", "fp16", "int8"):
-        assert not Thresholds().check(precision, d["top1_agreement"], d["max_rel_error"], d["nonfinite_logits"])[0]
-    assert not Thresholds().check("fp32", 1.0, math.nan)[0]
+    cols = {**reference_rows(ref), **backend_rows("b", ref, out)}
+    d = compare(cols, "b", np.array([-1, -1]), ["0.png", "1.png"], 0.0)
+    assert d["nonfinite_images"] == 2
+    for precision in ("fp32", "fp16", "int8"):  # the comparisons themselves fail on NaN
+        assert not Thresholds().check(precision, math.nan, math.nan)[0]
+    with pytest.raises(ScarletError, match="finite"):
+        Thresholds(fp32_max_rel_error=math.nan)
 
 
 def test_verify_of_a_nan_model_fails_and_writes_strict_json(files, val_dir, tmp_path, capsys):
-    """Before: max(0, nan) == 0, so max abs error 0, top-1 'agrees' on the tench (argmax of NaN is 0): PASS."""
+    """Before: max(0, nan) == 0, so max abs error 0, top-1 'agreed' on the tench (argmax of NaN is 0): PASS."""
     val = tmp_path / "val" / TENCH
     val.mkdir(parents=True)
     (val / "tench.JPEG").write_bytes(next((val_dir / TENCH).iterdir()).read_bytes())
@@ -181,8 +181,7 @@ def test_verify_of_a_nan_model_fails_and_writes_strict_json(files, val_dir, tmp_
     assert rc == 1
     data = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in a JSON report"))
     row = data["backends"][0]
-    assert data["passed"] is False and row["passed"] is False and row["nonfinite_logits"] > 0
-    assert row["max_abs_error"] is None  # NaN is not JSON; null, and the row fails
+    assert data["passed"] is False and row["passed"] is False and row["nonfinite_images"] == 1
 
 
 def test_reports_are_strict_json(tmp_path):

@@ -98,3 +98,21 @@ def test_fixed_batch_onnx_keeps_its_batch_dimension(tmp_path):
     cfg = parse(tmp_path / "r" / "fixed" / "config.pbtxt")
     assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
     assert list(cfg.input[0].dims) == [1, 3, 8, 8] and list(cfg.output[0].dims) == [1, 3, 8, 8]
+
+
+def test_openvino_repository_runs_the_onnx_on_tritons_openvino_backend(lite0_onnx, tmp_path, capsys):
+    assert main(["triton", "--onnx", str(lite0_onnx), "--model", "lite0_ov", "--backend", "ov", "-o", str(tmp_path)]) == 0
+    cfg = parse(tmp_path / "lite0_ov" / "config.pbtxt")
+    assert (cfg.backend, cfg.platform, cfg.default_model_filename) == ("openvino", "", "model.onnx")
+    assert [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in cfg.instance_group] == ["KIND_CPU"]
+    assert (tmp_path / "lite0_ov" / "1" / "model.onnx").read_bytes() == lite0_onnx.read_bytes()
+    assert main(["triton", "--onnx", str(lite0_onnx), "--backend", "ov", "--gpu", "-o", str(tmp_path / "g")]) == 2
+    assert "OpenVINO backend: CPU instances" in " ".join(capsys.readouterr().err.split())
+
+
+def test_serving_repository_puts_the_chosen_runtime_behind_both_models(lite0_onnx, tmp_path):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    write_serving_repository(ServeRequest(lite0_onnx, "lite0", backend="ov", batching=Batching(8, 500, 1)), tmp_path, "[]")
+    for name in ("lite0", "lite0_image"):
+        cfg = parse(tmp_path / name / "config.pbtxt")
+        assert json.loads(cfg.parameters["scarlet"].string_value)["kind"] == "ov"

@@ -79,7 +79,8 @@ def test_cli_exits_nonzero_on_a_small_logit_error(tmp_path, val_dir, lite0_onnx)
     bad = _perturbed(lite0_onnx, tmp_path / "lite0.stem.onnx", "_conv_stem.weight", (0, 0, 1, 1), 0.5)
     js, md = tmp_path / "r.json", tmp_path / "r.md"
     rc = main(["verify", "--model", LITE0, "--onnx", str(bad), "--val-dir", str(val_dir), "--limit", "16",
-               "--workers", "1", "--no-pipeline-parity", "--quiet", "--json", str(js), "--markdown", str(md)])
+               "--workers", "1", "--no-pipeline-parity", "--cache-dir", str(tmp_path), "--quiet", "--json", str(js),
+               "--markdown", str(md)])
     assert rc == 1
     data = json.loads(js.read_text())
     b = data["backends"][0]
@@ -104,7 +105,8 @@ def test_cli_on_sample_photos_passes_without_labels(tmp_path, monkeypatch, lite0
     # No --val-dir and no shared sample: the photos installed packages ship, without labels.
     monkeypatch.setattr("scarlet_deploy.runtime.data.dataset.default_val_dir", lambda: None)
     js = tmp_path / "r.json"
-    rc = main(["verify", "--model", LITE0, "--onnx", str(lite0_onnx), "--workers", "0", "--quiet", "--json", str(js)])
+    rc = main(["verify", "--model", LITE0, "--onnx", str(lite0_onnx), "--workers", "0", "--cache-dir", str(tmp_path),
+               "--quiet", "--json", str(js)])
     out = capsys.readouterr().out
     assert rc == 0, out
     data = json.loads(js.read_text())

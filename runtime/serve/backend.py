@@ -39,7 +39,7 @@ def _quiet_dlpack_deleter(unraisable, _default=sys.unraisablehook) -> None:
 class BackendConfig:
     """What `scarlet serve` passes each model in config.pbtxt `parameters` (key `scarlet`, JSON)."""
 
-    kind: str  # ort | trt
+    kind: str  # ort | ov | ov-bf16 | trt: the runner over the artifact
     artifact: str
     threads: int | None
     preprocess: Preprocess | None = None
@@ -70,7 +70,8 @@ class _Model:
         sys.unraisablehook = _quiet_dlpack_deleter
         self.cfg = BackendConfig.from_args(args)
         _check_numpy(self.cfg.numpy_version)
-        self.runner = open_runner(self.cfg.kind, self.cfg.artifact, ort=OrtOptions(threads=self.cfg.threads)).load()
+        self.runner = open_runner(self.cfg.kind, self.cfg.artifact, threads=self.cfg.threads,
+                                  ort=OrtOptions(threads=self.cfg.threads)).load()
 
     def finalize(self) -> None:
         self.runner.close()

@@ -16,6 +16,8 @@ from scarlet_deploy.runtime.core.report import write_reports
 from scarlet_deploy.runtime.data.images import default_val_dir, list_images
 from scarlet_deploy.runtime.serve.load import ENDPOINTS, PROTOCOLS, LoadConfig, markdown, measure
 from scarlet_deploy.runtime.serve.repository import (
+    SERVE_BACKENDS,
+    TRITON_ONNX_BACKENDS,
     Batching,
     ExportRequest,
     ServeRequest,
@@ -47,7 +49,7 @@ def _batching(args: argparse.Namespace) -> Batching:
 def _serve_request(args: argparse.Namespace) -> ServeRequest:
     name = args.model or default_name(args.onnx)
     return ServeRequest(Path(args.onnx), name, Path(args.engine) if args.engine else None,
-                        model=args.preprocess_model or (name if name in MODELS else None),
+                        model=args.preprocess_model or (name if name in MODELS else None), backend=args.backend,
                         # Instances split the cores between them rather than each taking all of them.
                         threads=args.threads or max(1, physical_cores() // args.instances), batching=_batching(args))
 
@@ -63,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _artifact_args(p)
     p.add_argument("--preprocess-model", help="registry model whose preprocessing NAME_image applies "
                                               "(default: the ONNX manifest's)")
+    p.add_argument("--backend", choices=SERVE_BACKENDS, default="ort",
+                   help="runtime behind both models: onnxruntime (default) or OpenVINO (ov, ov-bf16 where the CPU "
+                        "has BF16); an INT8 Q/DQ ONNX on ov is OpenVINO INT8")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
@@ -76,6 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _artifact_args(p)
     p.add_argument("-o", "--out", required=True, help="repository directory (NAME/ is created inside it)")
     p.add_argument("--gpu", action="store_true", help="ONNX: GPU instance group instead of CPU")
+    p.add_argument("--backend", choices=TRITON_ONNX_BACKENDS, default="ort",
+                   help="ONNX: Triton's onnxruntime backend (default) or its openvino backend (CPU)")
     _batching_args(p)
     p.set_defaults(func=run_triton)
 
@@ -95,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json")
     p.add_argument("--markdown")
     _batching_args(p)
-    p.set_defaults(func=run_load)
+    p.set_defaults(func=run_load, backend="ort")  # the comparison is with in-process onnxruntime
 
 
 class _Stop(Exception):
@@ -140,7 +147,7 @@ def run_triton(args: argparse.Namespace) -> int:
     name = args.model or default_name(args.onnx)
     d = write_triton_repository(ExportRequest(Path(args.onnx), Path(args.out), name,
                                               Path(args.engine) if args.engine else None,
-                                              "KIND_GPU" if args.gpu else "KIND_CPU", _batching(args)))
+                                              "KIND_GPU" if args.gpu else "KIND_CPU", _batching(args), args.backend))
     print(f"wrote {d}: run `tritonserver --model-repository={Path(args.out).resolve()}`")
     return 0
 

@@ -20,6 +20,7 @@ from scarlet_deploy.runtime.core.artifacts import read_manifest, write_bytes_ato
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.data import classes
 from scarlet_deploy.runtime.predict import model_for_onnx
+from scarlet_deploy.runtime.runners.openvino import OV_BACKENDS, ov_unavailable
 
 LABELS = "labels.txt"
 
@@ -136,12 +137,14 @@ class Batching:
 def model_config(name: str, io: ModelIO, *, batching: Batching, platform: str | None = None, backend: str | None = None,
                  instance_kind: str = "KIND_CPU", parameters: dict[str, str] | None = None,
                  inputs: list[dict[str, Any]] | None = None, outputs: list[dict[str, Any]] | None = None,
-                 warmup: bool = True) -> str:
+                 warmup: bool = True, default_model_filename: str | None = None) -> str:
     cfg: dict[str, Any] = {"name": name}
     if platform:
         cfg["platform"] = platform
     if backend:
         cfg["backend"] = backend
+    if default_model_filename:
+        cfg["default_model_filename"] = default_model_filename
     cfg["max_batch_size"] = batching.max_batch if io.dynamic_batch else 0
     cfg["input"] = inputs if inputs is not None else [_io(io.input)]
     cfg["output"] = outputs if outputs is not None else [_io(io.output, labels=True)]
@@ -165,6 +168,11 @@ def write_labels(model_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- `scarlet triton`
 
+# Which Triton backend runs an ONNX in a user's own Triton; `scarlet serve` runs both through our runners instead.
+TRITON_ONNX_BACKENDS = ("ort", "ov")
+SERVE_BACKENDS = ("ort", "ov", "ov-bf16")
+
+
 @dataclass(frozen=True)
 class ExportRequest:
     onnx: Path
@@ -173,6 +181,7 @@ class ExportRequest:
     engine: Path | None = None
     instance_kind: str = "KIND_CPU"  # ONNX only; a plan always runs on a GPU
     batching: Batching = field(default_factory=Batching)
+    backend: str = "ort"  # ONNX only: Triton's onnxruntime backend, or its openvino one (CPU)
 
 
 def write_triton_repository(req: ExportRequest) -> Path:
@@ -189,6 +198,14 @@ def write_triton_repository(req: ExportRequest) -> Path:
         filename = "model.plan"
     else:
         artifact, platform, kind, filename = Path(req.onnx), "onnxruntime_onnx", req.instance_kind, "model.onnx"
+    backend = None
+    if req.backend not in TRITON_ONNX_BACKENDS:
+        raise ScarletError(f"--backend {req.backend}: a repository runs an ONNX on one of {', '.join(TRITON_ONNX_BACKENDS)}.")
+    if req.backend == "ov":
+        if req.engine is not None or kind == "KIND_GPU":
+            raise ScarletError("--backend ov is Triton's OpenVINO backend: CPU instances over the ONNX; drop --engine/--gpu.")
+        # Triton's openvino backend reads ONNX as it is when told the file name (it defaults to model.xml).
+        platform, backend = None, "openvino"
     model_dir = req.out / req.name
     if model_dir.exists():
         raise ScarletError(f"{model_dir} already exists; remove it or write the repository elsewhere with -o.")
@@ -202,7 +219,8 @@ def write_triton_repository(req: ExportRequest) -> Path:
         if manifest is not None:
             write_json_atomic(tmp / "1" / f"{filename}.json", manifest)
         write_labels(tmp)
-        text = model_config(req.name, io, batching=batching, platform=platform, instance_kind=kind)
+        text = model_config(req.name, io, batching=batching, platform=platform, backend=backend, instance_kind=kind,
+                            default_model_filename=filename if backend else None)
         write_bytes_atomic(tmp / "config.pbtxt", text.encode())
         os.rename(tmp, model_dir)
     finally:
@@ -234,6 +252,7 @@ class ServeRequest:
     model: str | None = None  # registry model (preprocessing); default from the ONNX manifest
     threads: int | None = None
     batching: Batching = field(default_factory=Batching)
+    backend: str = "ort"  # the runner over the ONNX: one of SERVE_BACKENDS (a plan always runs on trt)
 
 
 def write_serving_repository(req: ServeRequest, root: Path, launcher_paths: str) -> dict[str, Any]:
@@ -241,8 +260,15 @@ def write_serving_repository(req: ServeRequest, root: Path, launcher_paths: str)
     io = ModelIO.from_onnx(req.onnx)
     if not io.dynamic_batch:
         raise ScarletError(f"{req.onnx} has a fixed batch dimension; serve a dynamic-batch export (`scarlet export` makes one).")
-    kind, artifact, batching = "ort", Path(req.onnx), req.batching
+    if req.backend not in SERVE_BACKENDS:
+        raise ScarletError(f"--backend {req.backend}: serve runs an ONNX on one of {', '.join(SERVE_BACKENDS)}.")
+    why = ov_unavailable(req.backend) if req.backend in OV_BACKENDS else None
+    if why:
+        raise ScarletError(f"--backend {req.backend}: {why}.")
+    kind, artifact, batching = req.backend, Path(req.onnx), req.batching
     if req.engine is not None:
+        if req.backend != "ort":
+            raise ScarletError(f"--engine serves a TensorRT plan; --backend {req.backend} applies to the ONNX only.")
         kind, artifact = "trt", Path(req.engine)
         if not artifact.is_file():
             raise ScarletError(f"TensorRT plan {artifact} does not exist; build it with `scarlet engine` (or `make engine`).")

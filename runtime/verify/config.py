@@ -24,3 +24,12 @@ class VerifyConfig:
     pipeline_parity: bool = True
     thresholds: Thresholds = field(default_factory=Thresholds)
     progress: bool = True
+    device: str = "cpu"  # where the PyTorch reference runs: cpu | cuda
+    gpu_id: int = 0
+    # Reference cache (<cache_dir>/reference) and resume journal (<cache_dir>/verify-resume);
+    # None: neither, every row in memory (the CLI passes build/).
+    cache_dir: Path | None = None
+    reference_cache: bool = True
+    resume: bool = False
+    chunk_images: int = 256  # images per journal chunk: what an interruption can lose
+    reference_only: bool = False  # no backend is fine: evaluate PyTorch alone (the seed's command)

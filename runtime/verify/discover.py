@@ -128,7 +128,7 @@ def resolve_backends(cfg: VerifyConfig, loaded) -> tuple[list[Backend], list[str
             export_model(ExportConfig(cfg.model, out, cfg.let, cfg.checkpoint, seed=cfg.seed), loaded)
             auto = [out]
         paths += [p for p in auto if p not in paths]
-    if not paths and not cfg.engines:
+    if not paths and not cfg.engines and not cfg.reference_only:
         raise ScarletError("nothing to verify: pass --onnx M.onnx (repeatable), --auto-onnx BUILD_DIR or --engine M.plan.")
     runtimes, runtime_notes = available_runtimes(cfg.backends)
     spec = get_spec(cfg.model)
@@ -144,7 +144,7 @@ def resolve_backends(cfg: VerifyConfig, loaded) -> tuple[list[Backend], list[str
     order = ("fp32", "bf16", "fp16", "int8")
     backends.sort(key=lambda b: (runtimes.index(b.kind), order.index(b.precision)))
     engines.sort(key=lambda b: order.index(b.precision))
-    if not backends and not engines:  # a PASS with nothing compared would be a lie
+    if not backends and not engines and (paths or not cfg.reference_only):  # a PASS with nothing compared would be a lie
         raise ScarletError(f"nothing to verify here: {'; '.join(runtime_notes)}. Add ort to --backends or install what is missing.")
     return backends + engines, notes + runtime_notes
 
