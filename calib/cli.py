@@ -28,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-eval", type=int, default=None, help="evaluate on at most this many images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compare", action="store_true", help="skip the comparison of all methods")
-    p.add_argument("--bench-rounds", type=int, default=5,
+    p.add_argument("--bench-rounds", type=int, default=10,
                    help="time FP32, INT8 and the baseline at batch 8, interleaved, this many rounds (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: physical cores)")
 

@@ -70,7 +70,7 @@ def side_by_side_throughput(paths: dict[str, str | os.PathLike], batch: int = 8,
     runners = {k: OrtRunner(p, options=OrtOptions(threads=threads)).load() for k, p in paths.items()}
     try:
         times = measure_interleaved({k: wall_timer(r, x) for k, r in runners.items()}, repeats=rounds,
-                                    seconds=0.0, warmup_s=0.0, min_calls=1)
+                                    seconds=0.0, warmup_s=0.0, min_calls=3)
     finally:
         for r in runners.values():
             r.close()

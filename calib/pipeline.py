@@ -244,30 +244,43 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
         found = search.mixed_precision(ranked, build_and_eval, bench.fp32_select.top1 if bench.fp32_select else None,
                                        cfg.max_top1_drop, cfg.min_agreement,
                                        costs=search.layer_costs(bench.onnx, groups))
+        full = Path(d) / "all-int8.onnx"
+        float_layers: dict[str, Any] = {}
+        if found.nodes_to_exclude and len(bench.x_select):
+            qdq.quantize(bench.onnx, rng, target, full)
+            qdq.quantize(bench.onnx, rng, target, trial, nodes_to_exclude=with_activations(found.nodes_to_exclude))
+            float_layers = _float_layers_worth_it(bench, target, full, trial)
+            if not float_layers["kept"]:
+                found.nodes_to_exclude = []
         plain_q = Path(d) / "uncorrected.onnx"
         qdq.quantize(bench.onnx, rng, target, plain_q, nodes_to_exclude=with_activations(found.nodes_to_exclude))
         kept, selected, bias_info = _bias_correction(bench, target, cfg, plain_q, Path(d),
-                                                     found.kept.accuracy if found.kept and len(bench.x_select) else None)
+                                                     found.kept.accuracy if found.kept and len(bench.x_select)
+                                                     and float_layers.get("kept", True) else None)
         with atomic_path(cfg.output) as tmp:
             Path(tmp).write_bytes(kept.read_bytes())
         errors = layer_error.table(bench.onnx, plain_q, kept if kept != plain_q else None,
                                    bench.x_select[:cfg.layer_error_images], threads=bench.threads) \
             if cfg.layer_error_images and len(bench.x_select) else []
+        base = _baseline(bench, cfg)
+        throughput = None
+        if cfg.bench_rounds:
+            paths = {"fp32": bench.onnx, "int8": cfg.output}
+            if found.nodes_to_exclude and full.exists():  # what the float layers cost
+                paths["int8_all_layers"] = full
+            if base is not None:
+                paths["plain"] = base.path
+            throughput = evaluate.side_by_side_throughput(paths, rounds=cfg.bench_rounds, threads=bench.threads)
 
     final = _evaluate(bench, cfg.output, target, on="report") if len(bench.x_eval) else None
     res = CalibResult(Path(cfg.output), target.name, choice.method, source, final, found if budget else None, sens,
-                      choice.methods, selection=selected, bias=bias_info, layer_errors=errors)
+                      choice.methods, throughput=throughput, selection=selected, bias=bias_info, layer_errors=errors)
+    res.bias["float_layers"] = float_layers
     if target.name == "trt":
         res.trt_table = trt_table_path(cfg.output)
         cache_mod.write_trt_table(res.trt_table, rng, choice.method)
     if not res.methods and cfg.compare_methods and source == "calibration" and len(bench.x_select):
         res.methods = compare_methods(bench, target, method_ranges(bench, target, {choice.method: rng}))
-    base = _baseline(bench, cfg)
-    if cfg.bench_rounds:
-        paths = {"fp32": bench.onnx, "int8": cfg.output}
-        if base is not None:
-            paths["plain"] = base.path
-        res.throughput = evaluate.side_by_side_throughput(paths, rounds=cfg.bench_rounds, threads=bench.threads)
     if base is not None:
         res.baseline = {"method": baseline_mod.DESCRIPTION, "report": base.report.as_dict(),
                         "selection": base.selection.as_dict() if base.selection else None}
@@ -330,6 +343,21 @@ def _bias_correction(bench: Bench, target: qdq.Target, cfg: CalibConfig, model: 
     kept = best.stem.removeprefix("bias-") if best != model else "none"
     return best, best_acc, {"mode": cfg.bias_correction, "kept": kept, "images": len(x), "selection": tried,
                             "layers": {k: [s.as_dict() for s in v] for k, v in shifts.items()}}
+
+
+def _float_layers_worth_it(bench: Bench, target: qdq.Target, full: Path, mixed: Path) -> dict[str, Any]:
+    """Layers stay float only if they lower the selection KL divergence by more than its noise
+    (twice the standard error of the per-image difference): a top-1 change of one or two images,
+    which the budget reads, must not decide alone."""
+    def per_image(path: Path) -> np.ndarray:
+        out = evaluate.logits(path, bench.x_select, threads=bench.threads, fake_quant=target.fake_quant_eval)
+        return evaluate.kl_per_image(out, bench.ref_select)
+
+    kl_full, kl_mixed = per_image(full), per_image(mixed)
+    gain = kl_full - kl_mixed
+    noise = 2.0 * float(np.std(gain, ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("inf")
+    return {"kl_all_int8": float(kl_full.mean()), "kl_mixed": float(kl_mixed.mean()), "gain": float(gain.mean()),
+            "noise": noise, "kept": bool(gain.mean() > noise)}
 
 
 def _baseline(bench: Bench, cfg: CalibConfig) -> baseline_mod.Baseline | None:
@@ -481,8 +509,11 @@ def _side_by_side(data: dict[str, Any], t: dict[str, Any]) -> str:
     rows = [["FP32", data["fp32"], tp.get("fp32")]]
     if base:
         rows.append(["plain quantize_static (baseline)", base["report"], tp.get("plain")])
-    rows.append([f"scarlet INT8 ({t['method']}, bias correction: {(t.get('bias_correction') or {}).get('kept', 'off')})",
+    rows.append([f"scarlet INT8 ({t['method']}, bias correction: {(t.get('bias_correction') or {}).get('kept', 'off')}"
+                 f"{', %d layers float' % len(t['nodes_kept_float']) if t['nodes_kept_float'] else ''})",
                  t["int8"], tp.get("int8")])
+    if tp.get("int8_all_layers"):
+        rows.append(["scarlet INT8, every layer INT8 (uncorrected; speed only)", None, tp["int8_all_layers"]])
     speed = tp.get("fp32")
     md = [markdown_table(["model", "images", "top1 %", "agreement %", "KL to FP32", "logits rel. RMSE",
                           "img/s (batch 8)", "vs FP32"],
@@ -492,6 +523,11 @@ def _side_by_side(data: dict[str, Any], t: dict[str, Any]) -> str:
     if tp:
         md.append("\nSpeed: batch 8, measured interleaved in one run on this CPU "
                   f"({data.get('isa', 'ISA unknown')}).\n")
+    fl = (t.get("bias_correction") or {}).get("float_layers") or {}
+    if fl:
+        md.append(f"\nFloat layers from the search: selection KL {fmt(fl['kl_all_int8'])} with every layer INT8, "
+                  f"{fmt(fl['kl_mixed'])} with them float (gain {fmt(fl['gain'])}, noise {fmt(fl['noise'])}): "
+                  f"{'kept' if fl['kept'] else 'not more than the noise, so every layer is INT8'}.\n")
     ours, plain = t.get("int8") or {}, (base or {}).get("report") or {}
     if ours.get("kl") is not None and plain.get("kl"):
         verdict = []
