@@ -2,8 +2,9 @@
 
 For every Conv/Gemm in network order, the relative RMS error of its output in the Q/DQ model
 (run as fake-quant, so every layer output can be read), the part of it a per-channel mean shift
-explains (what bias correction can remove), and how much the error grew over the layer before
-it in network order: the layers where it grows most are where the error enters.
+explains (what bias correction can remove), and how much it grew over the layers feeding it (the
+nearest weighted layers upstream, through activations, pools, residual adds and SE gates; the
+largest of their errors): the layers where it grows most are where the error enters.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class LayerError:
     op_type: str
     rel_rmse: float  # RMS(int8 - float) / RMS(float) of the layer's output
     mean_part: float  # RMS over channels of the mean error, same scale
-    growth: float  # rel_rmse minus the previous layer's (network order)
+    growth: float  # rel_rmse minus the largest rel_rmse of the weighted layers feeding it
     rel_rmse_corrected: float | None = None  # the same after bias correction
     mean_part_corrected: float | None = None
 
@@ -81,13 +82,36 @@ def table(float_path: str | os.PathLike, qdq_path: str | os.PathLike, corrected_
     if not layers or not len(images):
         return []
     runs = [_rel(float_path, p, layers, images, batch, threads) for p in (qdq_path, corrected_path) if p]
-    rows, prev = [], 0.0
+    feeding = _feeding(fm.graph, {name for name, _, _ in layers})
+    error = {name: runs[0][k][0] for k, (name, _, _) in enumerate(layers)}
+    rows = []
     for k, (name, op, _) in enumerate(layers):
         rel, mean = runs[0][k]
         corr = runs[1][k] if len(runs) > 1 else (None, None)
-        rows.append(LayerError(name, op, rel, mean, rel - prev, *corr).as_dict())
-        prev = rel
+        inherited = max((error[u] for u in feeding[name]), default=0.0)
+        rows.append(LayerError(name, op, rel, mean, rel - inherited, *corr).as_dict())
     return rows
+
+
+def _feeding(graph, weighted: set[str]) -> dict[str, set[str]]:
+    """Weighted layer -> the nearest weighted layers upstream of its data input."""
+    producers = {o: n for n in graph.node for o in n.output}
+    out = {}
+    for n in graph.node:
+        if n.name not in weighted:
+            continue
+        found, stack, seen = set(), [n.input[0]], set()
+        while stack:
+            p = producers.get(stack.pop())
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.name in weighted:
+                found.add(p.name)
+            else:
+                stack.extend(p.input)
+        out[n.name] = found
+    return out
 
 
 def worst(rows: list[dict], top: int = 10) -> list[dict]:

@@ -494,6 +494,10 @@ def test_bias_correction_lowers_the_per_channel_output_mean_error(tmp_path, targ
     before = sum(rows[n]["mean_part"] for n in ("dw", "project", "fc"))
     after = sum(rows[n]["mean_part_corrected"] for n in ("dw", "project", "fc"))
     assert after < 0.5 * before, rows
+    # growth: over the layer feeding each one (through the ReLU6 for dw; GAP/Flatten for fc)
+    assert rows["dw"]["growth"] == pytest.approx(rows["dw"]["rel_rmse"] - rows["conv1"]["rel_rmse"])
+    assert rows["fc"]["growth"] == pytest.approx(rows["fc"]["rel_rmse"] - rows["project"]["rel_rmse"])
+    assert rows["conv1"]["growth"] == rows["conv1"]["rel_rmse"]
 
 
 def test_report_images_reach_no_decision_and_the_baseline_is_in_the_report(tmp_path, val_dir, monkeypatch):
