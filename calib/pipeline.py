@@ -520,6 +520,9 @@ def _side_by_side(data: dict[str, Any], t: dict[str, Any]) -> str:
                          [[label, (a or {}).get("images"), (a or {}).get("top1"), (a or {}).get("agreement"),
                            (a or {}).get("kl"), (a or {}).get("logits_rmse"), v, fmt(v / speed) + "x" if v and speed else ""]
                           for label, a, v in rows])]
+    if t["measured_with"].startswith("fake-quant") and base:
+        md.append("\nThe baseline runs on onnxruntime's integer kernels; this target's model as fake-quant "
+                  "(TensorRT's arithmetic), so their errors compare arithmetic as well as calibration.\n")
     if tp:
         md.append("\nSpeed: batch 8, measured interleaved in one run on this CPU "
                   f"({data.get('isa', 'ISA unknown')}).\n")
