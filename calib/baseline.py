@@ -26,7 +26,13 @@ class Baseline:
 
 def quantize_plain(onnx_path: str | os.PathLike, images: np.ndarray, output: str | os.PathLike, batch: int = 8) -> None:
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     name = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from scarlet_deploy.calib.qdq import WEIGHTED_OPS
 from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.host import physical_cores
 
 SCOPES = ("all", "linear")  # every weighted layer, or those whose output no activation follows
 NEWTON_STEPS = 6
@@ -121,8 +122,6 @@ def session(model_bytes: bytes, threads: int | None):
     """Graph optimisations off: fake-quant, and every tensor stays observable."""
     import onnxruntime as ort
 
-    from scarlet_deploy.runtime.core.host import physical_cores
-
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or physical_cores()
     so.inter_op_num_threads = 1
@@ -202,7 +201,7 @@ def correct(float_path: str | os.PathLike, qdq_path: str | os.PathLike, output: 
     """Write `qdq_path` with corrected biases to `output` (callers pass a temporary); the shift of
     every corrected layer before and after. INT32 biases move by whole steps of their scale."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
     from tqdm import tqdm
 
     if scope not in SCOPES:

@@ -509,9 +509,9 @@ def _side_by_side(data: dict[str, Any], t: dict[str, Any]) -> str:
     rows = [["FP32", data["fp32"], tp.get("fp32")]]
     if base:
         rows.append(["plain quantize_static (baseline)", base["report"], tp.get("plain")])
-    rows.append([f"scarlet INT8 ({t['method']}, bias correction: {(t.get('bias_correction') or {}).get('kept', 'off')}"
-                 f"{', %d layers float' % len(t['nodes_kept_float']) if t['nodes_kept_float'] else ''})",
-                 t["int8"], tp.get("int8")])
+    kept = (t.get("bias_correction") or {}).get("kept", "off")
+    floats = f", {len(t['nodes_kept_float'])} layers float" if t["nodes_kept_float"] else ""
+    rows.append([f"scarlet INT8 ({t['method']}, bias correction: {kept}{floats})", t["int8"], tp.get("int8")])
     if tp.get("int8_all_layers"):
         rows.append(["scarlet INT8, every layer INT8 (uncorrected; speed only)", None, tp["int8_all_layers"]])
     speed = tp.get("fp32")
@@ -553,9 +553,9 @@ def _bias_section(t: dict[str, Any]) -> str:
     b = t.get("bias_correction") or {}
     if b.get("mode", "off") == "off":
         return "\nBias correction: off.\n"
-    md = [f"\n### Bias correction\n\nPer output channel, layer by layer in network order, on {b.get('images')} "
-          f"calibration images; kept: **{b.get('kept')}** (lowest KL divergence on the selection images; "
-          "`all`: every Conv/Gemm, matched after its ReLU/ReLU6; `linear`: only layers no activation follows).\n\n"]
+    md = [(f"\n### Bias correction\n\nPer output channel, layer by layer in network order, on {b.get('images')} "
+           f"calibration images; kept: **{b.get('kept')}** (lowest KL divergence on the selection images; "
+           "`all`: every Conv/Gemm, matched after its ReLU/ReLU6; `linear`: only layers no activation follows).\n\n")]
     md.append(markdown_table(["variant", "agreement %", "KL to FP32", "logits rel. RMSE"],
                              [[k, (a or {}).get("agreement"), (a or {}).get("kl"), (a or {}).get("logits_rmse")]
                               for k, a in (b.get("selection") or {}).items()]))
@@ -576,10 +576,11 @@ def _layer_error_section(t: dict[str, Any]) -> str:
     if not rows:
         return ""
     last = rows[-1]
+    corrected = f" ({last['rel_rmse_corrected']:.4f} after bias correction)" \
+        if last.get("rel_rmse_corrected") is not None else ""
     md = ["\n### Where the INT8 error comes from (per-layer output error vs float, selection images, fake-quant)\n\n",
-          f"Logits layer: relative RMS error {last['rel_rmse']:.4f}"
-          + (f" ({last['rel_rmse_corrected']:.4f} after bias correction)" if last.get("rel_rmse_corrected") is not None else "")
-          + ". The ten layers where the error grows most (full table in the JSON report):\n\n"]
+          (f"Logits layer: relative RMS error {last['rel_rmse']:.4f}{corrected}. The ten layers where the error grows "
+           "most over the layers feeding them (full table in the JSON report):\n\n")]
     md.append(markdown_table(["layer", "op", "rel. RMSE", "of it: mean shift", "growth", "rel. RMSE corrected",
                               "mean shift corrected"],
                              [[r["layer"], r["op_type"], r["rel_rmse"], r["mean_part"], r["growth"],
