@@ -536,3 +536,24 @@ def test_report_images_reach_no_decision_and_the_baseline_is_in_the_report(tmp_p
     md = (tmp_path / "a.md").read_text()
     row = next(ln for ln in md.splitlines() if ln.startswith("| plain quantize_static (baseline)"))
     assert row.count("|") == 9 and "better than the plain baseline" in md
+
+
+def test_float_layers_stay_only_when_they_beat_the_noise(monkeypatch):
+    """A layer kept float for a top-1 blip must go back to INT8 unless the selection KL divergence
+    drops by more than twice its standard error."""
+    from types import SimpleNamespace
+
+    from scarlet_deploy.calib import evaluate, pipeline
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((100, 20)).astype(np.float32) * 3
+    full = ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.3
+    outs = {"full": full, "same": full + rng.standard_normal(ref.shape).astype(np.float32) * 0.01,
+            "better": ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.1}
+    monkeypatch.setattr(evaluate, "logits", lambda path, x, threads=None, fake_quant=False: outs[Path(path).stem])
+    bench = SimpleNamespace(x_select=np.zeros((100, 1)), ref_select=ref, threads=1)
+    target = qdq.get_target("ort")
+    blip = pipeline._float_layers_worth_it(bench, target, Path("full.onnx"), Path("same.onnx"))
+    assert not blip["kept"] and abs(blip["gain"]) <= blip["noise"]
+    real = pipeline._float_layers_worth_it(bench, target, Path("full.onnx"), Path("better.onnx"))
+    assert real["kept"] and real["gain"] > real["noise"] > 0
