@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 
@@ -282,8 +281,3 @@ def _apply(layer: _Layer, env: dict[str, np.ndarray], target: np.ndarray, inits:
 
 def _observed(y: np.ndarray, activation: tuple[str, float, float] | None) -> np.ndarray:
     return _channel_means(y if activation is None else np.clip(y, activation[1], activation[2]))
-
-
-def summary(shifts: list[LayerShift], top: int = 10) -> list[dict[str, Any]]:
-    """The layers whose output mean moved most, largest first (what the report shows)."""
-    return [s.as_dict() for s in sorted(shifts, key=lambda s: -s.shift_before)[:top]]
