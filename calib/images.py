@@ -1,4 +1,9 @@
-"""Which images calibrate and which evaluate: a seeded, class-spread, disjoint split.
+"""Which images calibrate, which select and which report: a seeded, class-spread, disjoint split.
+
+Three sets, because a choice judged on the images it is reported on reports its own luck:
+calibration images give ranges and bias corrections, selection images decide (method, bias
+correction, float layers), and report images give the accuracy the report states, touched by
+no decision.
 
 Labels come from runtime.dataset (the one reader of ImageNet layouts: <wnid>/ folders, flat
 ILSVRC files with LOC_val_solution.csv or the devkit); calibration itself needs none, so any
@@ -20,8 +25,10 @@ from scarlet_deploy.runtime.data.preprocess import Preprocess
 @dataclass(frozen=True)
 class ImageSplit:
     calib: tuple[Path, ...]
-    eval: tuple[Path, ...]
-    eval_labels: tuple[int, ...]  # ImageNet-1k index per evaluation image; -1: unknown
+    eval: tuple[Path, ...]  # the report set
+    eval_labels: tuple[int, ...]  # ImageNet-1k index per report image; -1: unknown
+    select: tuple[Path, ...] = ()
+    select_labels: tuple[int, ...] = ()
 
 
 def _images(root: str | os.PathLike) -> dict[Path, int]:
@@ -64,18 +71,28 @@ def sample_across_classes(files: dict[Path, int], n: int, seed: int) -> list[Pat
 
 
 def split_images(images: str | os.PathLike, num_calib: int, seed: int = 0,
-                 eval_dir: str | os.PathLike | None = None, num_eval: int | None = None) -> ImageSplit:
-    """Calibration images sampled from `images`; evaluation images from `eval_dir` (default: the same
-    folder) with every calibration file removed, so the two sets never overlap."""
+                 eval_dir: str | os.PathLike | None = None, num_eval: int | None = None,
+                 num_select: int = 0) -> ImageSplit:
+    """Calibration images sampled from `images`; from what `eval_dir` (default: the same folder) holds
+    besides them, `num_select` selection images, and the report images (at most `num_eval`) from
+    the rest, so no two sets share a file."""
     files = _images(images)
     if num_calib < 1:
         raise ScarletError(f"--num-images must be at least 1 (got {num_calib}).")
     calib = sample_across_classes(files, min(num_calib, len(files)), seed)
     taken = {p.resolve() for p in calib}
     pool = _images(eval_dir) if eval_dir is not None else files
-    evals = {p: label for p, label in pool.items() if p.resolve() not in taken}
+    held_out = {p: label for p, label in pool.items() if p.resolve() not in taken}
+    if num_select and num_select >= len(held_out):
+        raise ScarletError(f"{len(held_out)} images are left after the {len(calib)} calibration images, too few for "
+                           f"{num_select} selection images and a report set; lower --num-images or --num-select, "
+                           f"or pass --eval-dir with more images.")
+    select = sample_across_classes(held_out, num_select, seed + 1) if num_select else []
+    chosen = set(select)
+    evals = {p: label for p, label in held_out.items() if p not in chosen}
     picked = sample_across_classes(evals, num_eval, seed) if num_eval is not None else sorted(evals)
-    return ImageSplit(tuple(calib), tuple(picked), tuple(evals[p] for p in picked))
+    return ImageSplit(tuple(calib), tuple(picked), tuple(evals[p] for p in picked),
+                      tuple(select), tuple(held_out[p] for p in select))
 
 
 def load(paths: list[Path] | tuple[Path, ...], preprocess: Preprocess, what: str = "images") -> np.ndarray:
