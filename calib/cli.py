@@ -12,7 +12,16 @@ from scarlet_deploy.runtime.core.paths import check_output
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-images", type=cli_types.positive_int, default=512, help="calibration images, sampled across classes (default 512)")
+    p.add_argument("--num-images", type=cli_types.positive_int, default=128,
+                   help="calibration images, sampled across classes (default 128)")
+    p.add_argument("--num-select", type=cli_types.nonneg_int, default=100,
+                   help="selection images, apart from calibration and report images: method, bias correction "
+                        "and float layers are decided on them (default 100); the rest is the report set")
+    p.add_argument("--bias-correction", default="auto", choices=("auto", "off", "all", "linear"),
+                   help="per-channel bias correction after quantization; auto (default) keeps the variant with "
+                        "the lowest KL divergence to FP32 on the selection images, none included")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the plain onnxruntime quantize_static baseline in the report")
     p.add_argument("--method", default="auto", choices=("auto", "minmax", "percentile", "entropy", "mse"),
                    help="range method; auto (default) quantises every layer with each method and keeps the "
                         "one that meets the budget with the lowest logits error (percentile: clip at the "
@@ -24,8 +33,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-eval", type=cli_types.positive_int, default=None, help="evaluate on at most this many images")
     p.add_argument("--seed", type=cli_types.seed, default=0)
     p.add_argument("--no-compare", action="store_true", help="skip the comparison of all methods")
-    p.add_argument("--bench-rounds", type=cli_types.nonneg_int, default=0,
-                   help="also time FP32 vs INT8 at batch 8, interleaved, this many rounds")
+    p.add_argument("--bench-rounds", type=cli_types.nonneg_int, default=10,
+                   help="time FP32, INT8 and the baseline at batch 8, interleaved, this many rounds (0: skip)")
     p.add_argument("--threads", type=cli_types.positive_int, default=None, help="onnxruntime threads (default: physical cores)")
 
 
@@ -61,7 +70,9 @@ def _config(args, **kw):
 
     return CalibConfig(num_images=args.num_images, method=args.method, max_top1_drop=args.max_top1_drop,
                        min_agreement=args.min_agreement, num_eval=args.num_eval, seed=args.seed,
-                       compare_methods=not args.no_compare, bench_rounds=args.bench_rounds, threads=args.threads, **kw)
+                       compare_methods=not args.no_compare, bench_rounds=args.bench_rounds, threads=args.threads,
+                       num_select=args.num_select, bias_correction=args.bias_correction, baseline=not args.no_baseline,
+                       **kw)
 
 
 def _summary(res) -> str:

@@ -1,4 +1,9 @@
-"""Which images calibrate and which evaluate: a seeded, class-spread, disjoint split.
+"""Which images calibrate, which select and which report: a seeded, class-spread, disjoint split.
+
+Three sets, because a choice judged on the images it is reported on reports its own luck:
+calibration images give ranges and bias corrections, selection images decide (method, bias
+correction, float layers), and report images give the accuracy the report states, touched by
+no decision.
 
 Labels come from runtime.dataset (the one reader of ImageNet layouts: <wnid>/ folders, flat
 ILSVRC files with LOC_val_solution.csv or the devkit); calibration itself needs none, so any
@@ -20,8 +25,10 @@ from scarlet_deploy.runtime.data.preprocess import Preprocess
 @dataclass(frozen=True)
 class ImageSplit:
     calib: tuple[Path, ...]
-    eval: tuple[Path, ...]
-    eval_labels: tuple[int, ...]  # ImageNet-1k index per evaluation image; -1: unknown
+    eval: tuple[Path, ...]  # the report set
+    eval_labels: tuple[int, ...]  # ImageNet-1k index per report image; -1: unknown
+    select: tuple[Path, ...] = ()
+    select_labels: tuple[int, ...] = ()
 
 
 def _images(root: str | os.PathLike) -> dict[Path, int]:
@@ -64,9 +71,11 @@ def sample_across_classes(files: dict[Path, int], n: int, seed: int) -> list[Pat
 
 
 def split_images(images: str | os.PathLike, num_calib: int, seed: int = 0,
-                 eval_dir: str | os.PathLike | None = None, num_eval: int | None = None) -> ImageSplit:
-    """Calibration images sampled from `images`; evaluation images from `eval_dir` (default: the same
-    folder) with every calibration file removed, so the two sets never overlap."""
+                 eval_dir: str | os.PathLike | None = None, num_eval: int | None = None,
+                 num_select: int = 0) -> ImageSplit:
+    """Calibration images sampled from `images`; from what `eval_dir` (default: the same folder) holds
+    besides them, `num_select` selection images, and the report images (at most `num_eval`) from
+    the rest, so no two sets share a file."""
     files = _images(images)
     if num_calib < 1:
         raise ScarletError(f"--num-images must be at least 1 (got {num_calib}).")
@@ -77,37 +86,56 @@ def split_images(images: str | os.PathLike, num_calib: int, seed: int = 0,
     calib = sample_across_classes(files, min(num_calib, len(files)), seed)
     taken = {p.resolve() for p in calib}
     pool = _images(eval_dir) if eval_dir is not None else files
-    evals = {p: label for p, label in pool.items() if p.resolve() not in taken}
+    held_out = {p: label for p, label in pool.items() if p.resolve() not in taken}
+    if num_select and num_select >= len(held_out):
+        raise ScarletError(f"{len(held_out)} images are left after the {len(calib)} calibration images, too few for "
+                           f"{num_select} selection images and a report set; lower --num-images or --num-select, "
+                           f"or pass --eval-dir with more images.")
+    select = sample_across_classes(held_out, num_select, seed + 1) if num_select else []
+    chosen = set(select)
+    evals = {p: label for p, label in held_out.items() if p not in chosen}
     picked = sample_across_classes(evals, num_eval, seed) if num_eval is not None else sorted(evals)
-    return ImageSplit(tuple(calib), tuple(picked), tuple(evals[p] for p in picked))
+    return ImageSplit(tuple(calib), tuple(picked), tuple(evals[p] for p in picked),
+                      tuple(select), tuple(held_out[p] for p in select))
 
 
-def load_split(split: ImageSplit, preprocess: Preprocess) -> tuple[ImageSplit, np.ndarray, np.ndarray]:
-    """Both sets loaded, with every unreadable image (FIFO, pixel bomb, damaged file: the same limits as
-    predict and verify) dropped from the split and reported as one `skipped FILE: why` line."""
+def load(paths: list[Path] | tuple[Path, ...], preprocess: Preprocess, what: str = "images") -> np.ndarray:
+    """(N, 3, crop, crop) float32 through the reference pipeline (the one PyTorch parity is measured on)."""
     from tqdm import tqdm
 
-    from scarlet_deploy.runtime.data.images import UnreadableImage
     from scarlet_deploy.runtime.data.preprocess import reference
 
-    def readable(paths: tuple[Path, ...], what: str) -> tuple[list[int], np.ndarray]:
-        kept, arrays = [], []
-        for i, p in enumerate(tqdm(paths, desc=f"reading {what}", unit="img", leave=False, disable=len(paths) < 64)):
+    out = np.empty((len(paths), 3, preprocess.crop, preprocess.crop), np.float32)
+    for i, p in enumerate(tqdm(paths, desc=f"reading {what}", unit="img", leave=False, disable=len(paths) < 64)):
+        out[i] = reference(p, preprocess)
+    return out
+
+
+def readable(split: ImageSplit) -> ImageSplit:
+    """`split` without the files the shared image loader refuses (FIFO, device, pixel bomb, empty or
+    not an image: the limits of predict and verify, checked from the header), each reported as one
+    `skipped FILE: why` line; a file that passes but fails to decode later is still a clear error."""
+    from tqdm import tqdm
+
+    from scarlet_deploy.runtime.data.images import UnreadableImage, read_image_bytes
+
+    def keep(paths: tuple[Path, ...]) -> list[int]:
+        out = []
+        for i, p in enumerate(paths):
             try:
-                arrays.append(reference(p, preprocess))
-                kept.append(i)
+                read_image_bytes(p)
+                out.append(i)
             except UnreadableImage as e:
                 tqdm.write(f"skipped {e}")
-        return kept, np.stack(arrays) if arrays else np.empty((0, 3, preprocess.crop, preprocess.crop), np.float32)
+        return out
 
-    ci, x_calib = readable(split.calib, "calibration images")
+    ci, si, ei = keep(split.calib), keep(split.select), keep(split.eval)
     if not ci:
         raise ScarletError(f"none of the {len(split.calib)} calibration images could be read (see the skipped lines); "
                            "check the --images folder.")
-    ei, x_eval = readable(split.eval, "evaluation images")
-    kept = ImageSplit(tuple(split.calib[i] for i in ci), tuple(split.eval[i] for i in ei),
-                      tuple(split.eval_labels[i] for i in ei))
-    return kept, x_calib, x_eval
+    return ImageSplit(tuple(split.calib[i] for i in ci), tuple(split.eval[i] for i in ei),
+                      tuple(split.eval_labels[i] for i in ei), tuple(split.select[i] for i in si),
+                      tuple(split.select_labels[i] for i in si))
 
 
 def relative_names(paths: list[Path] | tuple[Path, ...]) -> list[str]:

@@ -10,7 +10,7 @@ from scarlet_deploy.runtime.core.errors import ScarletError
 OUTPUT_SUFFIX = {"ort": ".int8.onnx", "trt": ".int8-trt.onnx"}
 # What `make calib` uses where `scarlet calibrate` leaves the budget to the user; bench and
 # gpu-check create missing INT8 models with the same settings.
-MODEL_DEFAULTS = {"num_images": 200, "max_top1_drop": 0.3, "min_agreement": 97.0, "bench_rounds": 10}
+MODEL_DEFAULTS = {"num_images": 128, "max_top1_drop": 0.3, "min_agreement": 97.0, "bench_rounds": 10}
 
 
 def model_config(**overrides) -> pipeline.CalibConfig:
@@ -37,7 +37,7 @@ def calibrate_model(model: str, out_dir: Path, val_dir: Path | None, targets: li
                            "pass --val-dir DIR (make calib VAL_DIR=DIR) or set $SCARLET_VAL_DIR.")
     onnx = ensure_onnx(model, out_dir, checkpoint)
     bench = pipeline.prepare(onnx, images, base.num_images, base.seed, None, base.num_eval, model,
-                             base.sensitivity_images, base.threads)
+                             base.sensitivity_images, base.threads, base.num_select)
     results = []
     for t in targets:
         cfg = dataclasses.replace(base, onnx=onnx, images=images, target=t,

@@ -58,13 +58,29 @@ TARGET_CONFIGS: dict[str, Target] = {
 }
 
 
-def host_has_vnni() -> bool:
+def _cpu_flags() -> set[str] | None:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+            return set(next((ln for ln in f if ln.startswith("flags")), "").split())
     except OSError:
-        return True
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+        return None
+
+
+def host_has_vnni() -> bool:
+    flags = _cpu_flags()
+    return flags is None or any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def int8_isa() -> str:
+    """The instruction set INT8 speed depends on, for every speed claim to name."""
+    flags = _cpu_flags()
+    if flags is None:
+        return "unknown ISA"
+    for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+                       ("avx512bw", "AVX-512 without VNNI"), ("avx2", "AVX2 without VNNI")):
+        if flag in flags:
+            return name
+    return "no AVX2"
 
 
 def get_target(name: str) -> Target:
@@ -244,7 +260,7 @@ def _constant_value(producer, name: str, inits: dict) -> float | None:
 
 
 @contextlib.contextmanager
-def _quiet_quantizer():
+def quiet_quantizer():
     # quantize_static logs a pre-processing hint on every call; the exported ONNX is already
     # simplified and shape-inferred, and the hint would repeat for every sensitivity probe.
     root = logging.getLogger()
@@ -281,7 +297,7 @@ def quantize(model_path: str | os.PathLike, ranges: dict[str, tuple[float, float
         nodes_to_quantize = list(nodes_to_quantize) + hardswish + requantize
     data = TensorsData(CalibrationMethod.MinMax, {
         k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in ranges.items()})
-    with tempfile.TemporaryDirectory(prefix="scarlet-q-") as d, _quiet_quantizer():
+    with tempfile.TemporaryDirectory(prefix="scarlet-q-") as d, quiet_quantizer():
         cache = Path(d) / "ranges.json"
         save_tensors_data(data, cache)
         source = Path(model_path)

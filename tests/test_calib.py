@@ -304,7 +304,8 @@ def test_missing_image_dir_is_a_clear_error(tmp_path):
 def _cfg(onnx: Path, val_dir: Path, out: Path, **kw):
     from scarlet_deploy.calib.pipeline import CalibConfig
 
-    base = dict(onnx=onnx, images=val_dir, output=out, num_images=8, num_eval=8, compare_methods=False, threads=1)
+    base = dict(onnx=onnx, images=val_dir, output=out, num_images=8, num_select=8, num_eval=8, compare_methods=False,
+                threads=1, layer_error_images=4)
     return CalibConfig(**{**base, **kw})
 
 
@@ -420,3 +421,140 @@ def test_layer_kept_in_float_reads_the_activated_float_tensor(tiny, tmp_path):
     # a DQ input would let onnxruntime re-quantise conv2; the float tensor must be the ReLU's output
     assert by_output[conv2.input[0]].op_type == "Relu"
     assert conv2.input[1] == "w2", "weights of a float layer stay float"
+
+
+def test_trt_symmetric_minmax_range_is_the_full_absolute_maximum(tiny, tmp_path):
+    """The trt target's minmax range is (-max|x|, max|x|) and reaches the Q/DQ model as scale
+    max|x| / 127 with zero point 0: a halved (or otherwise shrunk) range clips real activations."""
+    import onnx
+    from onnx import numpy_helper
+
+    path, st = tiny
+    target = qdq.get_target("trt")
+    r = ranges.compute_ranges(st, "minmax", target.symmetric)
+    for name, s in st.items():
+        assert r[name] == (-s.absmax, s.absmax), name
+    out = tmp_path / "minmax.int8-trt.onnx"
+    qdq.quantize(path, r, target, out)
+    model = onnx.load(out)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    q_input = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+    assert float(inits[q_input.input[1]]) == pytest.approx(st["input"].absmax / 127, rel=1e-6)
+    assert not inits[q_input.input[2]].any()
+
+
+def _se_onnx(path: Path, size: tuple = (12, 12), classes: int = 10) -> Path:
+    """Conv -> ReLU6 -> depthwise Conv -> Conv (linear) -> GAP -> Gemm: the block shape bias correction is for."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+
+    def w(name, *shape, scale=0.4, mean=0.0):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale + mean).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "zero", "six"], ["r1"], name="relu6"),
+             helper.make_node("Conv", ["r1", "wd", "bd"], ["d"], name="dw", group=16, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["d", "w2", "b2"], ["c2"], name="project"),
+             helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "block", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, *size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        [w("w1", 16, 3, 3, 3), w("b1", 16, mean=0.5), w("wd", 16, 1, 3, 3, scale=0.6), w("bd", 16),
+         w("w2", 8, 16, 1, 1, scale=0.5), w("b2", 8), w("wf", classes, 8), w("bf", classes),
+         numpy_helper.from_array(np.array(0.0, np.float32), "zero"), numpy_helper.from_array(np.array(6.0, np.float32), "six")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("target_name", ["ort", "trt"])
+def test_bias_correction_lowers_the_per_channel_output_mean_error(tmp_path, target_name):
+    """Coarse ranges (percentile on few images) leave each layer's output mean off; after the
+    correction the per-channel means of every corrected layer agree with float on held-out images."""
+    from scarlet_deploy.calib import bias, layer_error
+
+    path = _se_onnx(tmp_path / "block.onnx")
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((64, 3, 12, 12)) + 0.3).astype(np.float32)
+    calib, held_out = x[:32], x[32:]
+    target = qdq.get_target(target_name)
+    r = ranges.compute_ranges(stats.collect(path, calib[:8], batch=8, threads=1), "percentile", target.symmetric)
+    q = tmp_path / "q.onnx"
+    qdq.quantize(path, r, target, q)
+    fixed = tmp_path / "corrected.onnx"
+    shifts = bias.correct(path, q, fixed, calib, scope="all", threads=1)
+    assert {s.layer for s in shifts} == {"conv1", "dw", "project", "fc"}
+    assert all(s.shift_after <= s.shift_before + 1e-9 for s in shifts)
+    rows = {row["layer"]: row for row in layer_error.table(path, q, fixed, held_out, threads=1)}
+    before = sum(rows[n]["mean_part"] for n in ("dw", "project", "fc"))
+    after = sum(rows[n]["mean_part_corrected"] for n in ("dw", "project", "fc"))
+    assert after < 0.5 * before, rows
+    # growth: over the layer feeding each one (through the ReLU6 for dw; GAP/Flatten for fc)
+    assert rows["dw"]["growth"] == pytest.approx(rows["dw"]["rel_rmse"] - rows["conv1"]["rel_rmse"])
+    assert rows["fc"]["growth"] == pytest.approx(rows["fc"]["rel_rmse"] - rows["project"]["rel_rmse"])
+    assert rows["conv1"]["growth"] == rows["conv1"]["rel_rmse"]
+
+
+def test_report_images_reach_no_decision_and_the_baseline_is_in_the_report(tmp_path, val_dir, monkeypatch):
+    """Three disjoint sets; replacing every report image by noise changes neither the model nor
+    any decision (method, bias correction), only the reported accuracy. The plain quantize_static
+    baseline has its row in the report, with KL divergence and speed."""
+    import json
+
+    from scarlet_deploy.calib import pipeline
+    from scarlet_deploy.runtime.core.artifacts import write_manifest
+
+    # 1000 classes: calibrate refuses a model whose outputs are not the registry model's classes
+    path = _se_onnx(tmp_path / "block.onnx", size=("H", "W"), classes=1000)
+    write_manifest(path, {"model": "scarlet_a"})  # any registry model: its preprocessing, 224x224
+    split = images.split_images(val_dir, 8, seed=2, num_eval=8, num_select=8)
+    assert len(split.calib) == len(split.select) == len(split.eval) == 8
+    assert not (set(split.calib) & set(split.select) or set(split.calib) & set(split.eval)
+                or set(split.select) & set(split.eval))
+    cfg = dict(onnx=path, images=val_dir, num_images=8, num_select=8, num_eval=8, seed=2, threads=1,
+               bench_rounds=1, compare_methods=False, layer_error_images=4)
+    _, real = pipeline.calibrate(pipeline.CalibConfig(output=tmp_path / "a.onnx", report=str(tmp_path / "a"), **cfg))
+    load = images.load
+
+    def noisy(paths, pre, what="images"):
+        x = load(paths, pre, what)
+        return np.random.default_rng(0).standard_normal(x.shape).astype(np.float32) if what == "report images" else x
+
+    monkeypatch.setattr(images, "load", noisy)
+    _, noise = pipeline.calibrate(pipeline.CalibConfig(output=tmp_path / "b.onnx", report=str(tmp_path / "b"), **cfg))
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert real.method == noise.method and real.bias["kept"] == noise.bias["kept"]
+    assert real.selection == noise.selection and real.int8 != noise.int8
+    data = json.loads((tmp_path / "a.json").read_text())
+    base = data["targets"][0]["baseline"]
+    assert base["method"].startswith("onnxruntime quantize_static") and base["report"]["kl"] is not None
+    assert set(data["targets"][0]["throughput_img_s"]) == {"fp32", "int8", "plain"}
+    md = (tmp_path / "a.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| plain quantize_static (baseline)"))
+    assert row.count("|") == 9 and "better than the plain baseline" in md
+
+
+def test_float_layers_stay_only_when_they_beat_the_noise(monkeypatch):
+    """A layer kept float for a top-1 blip must go back to INT8 unless the selection KL divergence
+    drops by more than twice its standard error."""
+    from types import SimpleNamespace
+
+    from scarlet_deploy.calib import evaluate, pipeline
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((100, 20)).astype(np.float32) * 3
+    full = ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.3
+    outs = {"full": full, "same": full + rng.standard_normal(ref.shape).astype(np.float32) * 0.01,
+            "better": ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.1}
+    monkeypatch.setattr(evaluate, "logits", lambda path, x, threads=None, fake_quant=False: outs[Path(path).stem])
+    bench = SimpleNamespace(x_select=np.zeros((100, 1)), ref_select=ref, threads=1)
+    target = qdq.get_target("ort")
+    blip = pipeline._float_layers_worth_it(bench, target, Path("full.onnx"), Path("same.onnx"))
+    assert not blip["kept"] and abs(blip["gain"]) <= blip["noise"]
+    real = pipeline._float_layers_worth_it(bench, target, Path("full.onnx"), Path("better.onnx"))
+    assert real["kept"] and real["gain"] > real["noise"] > 0

@@ -374,7 +374,8 @@ def test_calibrate_skips_unreadable_images_with_a_line(files, tmp_path, capsys):
     out = tmp_path / "q.onnx"
     before = _sha(files["onnx"])
     rc = main([str(a) for a in ["calibrate", "--onnx", files["onnx"], "--model", "efficientnet_lite0", "--images", imgs,
-                                "--num-images", "4", "--method", "minmax", "--no-compare", "--threads", "1", "-o", out]])
+                                "--num-images", "4", "--num-select", "0", "--method", "minmax", "--no-compare", "--no-baseline",
+                                "--bench-rounds", "0", "--threads", "1", "-o", out]])
     printed = capsys.readouterr()
     assert rc == 0 and out.exists() and _sha(files["onnx"]) == before and "Traceback" not in printed.err
     assert f"skipped {bomb}: declares more than" in printed.out and f"skipped {bad}: not an image" in printed.out
