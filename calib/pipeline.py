@@ -497,7 +497,8 @@ def report_markdown(data: dict[str, Any]) -> str:
             md.append("\n### Mixed-precision search\n\n")
             md.append(markdown_table(["layers kept in float", "tried back in INT8"] + acc_cols[1:] + ["within budget"],
                                      [[s["kept_float"], s.get("quantised_back") or "", s["top1"], s["top5"],
-                                       s["agreement"], s["logits_rmse"], s["within_budget"]] for s in t["search_steps"]]))
+                                       s["agreement"], s["logits_rmse"], s.get("kl"), s["within_budget"]]
+                                      for s in t["search_steps"]]))
             sens = {s["node"]: s for s in t["sensitivity"]}
             md.append("\nKept in float, most sensitive first (the shortest passing prefix of the ranking, then its "
                       "costliest layers tried back in INT8; numbers: output error with only that layer quantised):\n\n")
