@@ -5,6 +5,7 @@ Every way a checkpoint can be wrong ends in a ScarletError that says what to do.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ class LoadedModel:
     name: str
     let: bool
     pretrained: bool
-    checkpoint_sha256: str  # or SEEDED
+    checkpoint_sha256: str  # of the checkpoint file; for seeded weights "seeded:" + tensors_sha256
     source: str  # the checkpoint path, the package that shipped it, or SEEDED
 
     def describe(self) -> str:
@@ -133,6 +134,16 @@ def _looks_like(sig: dict[str, tuple[int, ...]]) -> Optional[str]:
     return f"a SCARLET network with {max(slots) + 1}+ slots{' and LET layers (add --let)' if has_let else ''}"
 
 
+def tensors_sha256(state_dict: dict) -> str:
+    """Seeded weights have no file to hash: hash the tensors themselves (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def load_model(name: str, let: bool = False, checkpoint: str | os.PathLike | None = None, seed: int = 0) -> LoadedModel:
     spec = get_spec(name)
     model = spec.create(let)
@@ -147,7 +158,10 @@ def load_model(name: str, let: bool = False, checkpoint: str | os.PathLike | Non
         # Real photos keep activations O(1) on real data; synthetic ones where none are at hand.
         images, origin = sample_images(SYNTHETIC_IMAGES, spec.preprocess, seed)
         realistic_weights_(model, torch.from_numpy(images), seed=seed)
-        return LoadedModel(model.eval(), name, let, False, SEEDED, f"{SEEDED} (seed {seed}, BN statistics from {origin})")
+        # A fingerprint, not just "seeded": the BN statistics depend on which images were at hand, so two
+        # machines (or checkouts) can seed different weights, and an export must be refused against the other.
+        return LoadedModel(model.eval(), name, let, False, f"seeded:{tensors_sha256(model.state_dict())}",
+                           f"{SEEDED} (seed {seed}, BN statistics from {origin})")
     sd = read_state_dict(checkpoint)
     want = _signature(name, let)
     got = _shapes(sd)

@@ -27,7 +27,13 @@ from scarlet_deploy.calib import cache as cache_mod
 from scarlet_deploy.export.checkpoint import load_model
 from scarlet_deploy.export.registry import get_spec
 from scarlet_deploy.runtime.cli import main
-from scarlet_deploy.runtime.core.artifacts import manifest_path, read_manifest, sha256_file, write_json_atomic, write_manifest
+from scarlet_deploy.runtime.core.artifacts import (
+    manifest_path,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+    write_manifest,
+)
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.data import classes
 from scarlet_deploy.runtime.data.dataset import open_dataset

@@ -136,6 +136,21 @@ def test_backend_from_other_weights_or_model_is_refused(tmp_path):
     let = art("a-let.onnx", {"model": "scarlet_a", "let": True, "checkpoint_sha256": "s", "precision": "fp32"})
     with pytest.raises(ScarletError, match="--let"):
         vdisc.check_weights(let, "scarlet_a", False, "s")
+    # Seeded weights differ with the images their BN statistics came from: another machine's export is refused.
+    seeded = art("a.onnx", {"model": "scarlet_a", "let": False, "checkpoint_sha256": "seeded:" + "c" * 64,
+                            "precision": "fp32"})
+    vdisc.check_weights(seeded, "scarlet_a", False, "seeded:" + "c" * 64)
+    with pytest.raises(ScarletError, match="other seeded weights"):
+        vdisc.check_weights(seeded, "scarlet_a", False, "seeded:" + "d" * 64)
+
+
+def test_seeded_weights_carry_a_fingerprint_of_their_tensors(loaded_model, scarlet_onnx):
+    from scarlet_deploy.export.checkpoint import tensors_sha256
+    from scarlet_deploy.runtime.core.artifacts import read_manifest
+
+    loaded = loaded_model("scarlet_a")
+    assert loaded.checkpoint_sha256 == "seeded:" + tensors_sha256(loaded.model.state_dict())
+    assert read_manifest(scarlet_onnx("scarlet_a"))["checkpoint_sha256"] == loaded.checkpoint_sha256
 
 
 def _tiny(path: Path, ops: list, inits: list) -> Path:

@@ -7,8 +7,8 @@ import numpy as np
 
 from scarlet_deploy.calib.model import calibrate_model, model_config
 from scarlet_deploy.runtime.core.errors import ScarletError
-from scarlet_deploy.runtime.core.onnx_io import read_io
 from scarlet_deploy.runtime.core.host import physical_cores
+from scarlet_deploy.runtime.core.onnx_io import read_io
 from scarlet_deploy.runtime.runners.openvino import OV_BACKENDS, ov_unavailable
 from scarlet_deploy.runtime.runners.ort import OrtOptions
 

@@ -89,6 +89,10 @@ def check_weights(b: Backend, model: str, let: bool, checkpoint_sha256: str) -> 
         raise ScarletError(f"{b.path} was exported {'with' if origin.get('let') else 'without'} --let; "
                            f"{'add' if origin.get('let') else 'drop'} --let or pass the matching file.")
     sha = origin.get("checkpoint_sha256")
+    if sha and sha != checkpoint_sha256 and str(sha).startswith("seeded") and checkpoint_sha256.startswith("seeded"):
+        raise ScarletError(f"{b.path} was exported from other seeded weights than PyTorch seeds here (their BN statistics "
+                           "come from the images at hand: the shared sample or synthetic ones, and the seed); re-export "
+                           "it on this machine (make export), or pass the checkpoint both should use.")
     if sha and sha != checkpoint_sha256:
         raise ScarletError(f"{b.path} was exported from other weights ({sha[:16]}) than PyTorch loads here "
                            f"({checkpoint_sha256[:16]}); re-export it with the same --checkpoint (make export CKPT=...).")

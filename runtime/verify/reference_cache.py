@@ -84,16 +84,6 @@ def sources_sha256(paths: Iterable[os.PathLike | str]) -> str:
     return h.hexdigest()
 
 
-def tensors_sha256(state_dict: dict) -> str:
-    """Seeded weights have no file to hash: hash the tensors themselves (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
-        h.update(t.numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def _file_digest_and_finite(path: Path, offset: int, nbytes: int) -> tuple[str, bool]:
     h, finite = hashlib.sha256(), True
     rowbytes = DTYPE.itemsize
