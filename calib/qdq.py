@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from scarlet_deploy.runtime.core.host import cpu_flags, has_vnni
+
 TARGETS = ("ort", "trt")
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -58,22 +60,14 @@ TARGET_CONFIGS: dict[str, Target] = {
 }
 
 
-def _cpu_flags() -> set[str] | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((ln for ln in f if ln.startswith("flags")), "").split())
-    except OSError:
-        return None
-
-
 def host_has_vnni() -> bool:
-    flags = _cpu_flags()
-    return flags is None or any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    # Unknown flags (no /proc/cpuinfo): assume VNNI, i.e. keep 8-bit activations, the better-accuracy default.
+    return cpu_flags() is None or has_vnni()
 
 
 def int8_isa() -> str:
     """The instruction set INT8 speed depends on, for every speed claim to name."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if flags is None:
         return "unknown ISA"
     for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
