@@ -457,6 +457,12 @@ def test_ctrl_c_while_building_the_parser(monkeypatch, capsys):
     (["profile", "--onnx", "m.onnx", "--runs", "0"], "--runs"),
     (["fp16", "--onnx", "m.onnx", "--images", "-1"], "--images"),
     (["engine", "--onnx", "m.onnx", "--precision", "fp32", "-o", "m.plan", "--workspace", "0"], "--workspace"),
+    (["serve", "--onnx", "m.onnx", "--http-port", "70000"], "--http-port"),
+    (["serve", "--onnx", "m.onnx", "--max-batch", "0"], "--max-batch"),
+    (["serve", "--onnx", "m.onnx", "--max-queue-delay-us", "-1"], "--max-queue-delay-us"),
+    (["triton", "--onnx", "m.onnx", "-o", "repo", "--instances", "0"], "--instances"),
+    (["serve-load", "--onnx", "m.onnx", "--clients", "0"], "--clients"),
+    (["serve-load", "--onnx", "m.onnx", "--seconds", "nan"], "--seconds"),
 ])
 def test_out_of_range_numbers_are_usage_errors(capsys, argv, flag):
     assert_usage_error(*run_cli(capsys, argv), flag)

@@ -59,6 +59,7 @@ def float_range(lo: float, hi: float | None = None, lo_open: bool = False) -> Ca
 
 
 positive_int = int_range(1)
+port = int_range(1, 65535)
 nonneg_int = int_range(0)
 seed = int_range(0, MAX_SEED)
 finite_float = float_range(-math.inf)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from scarlet_deploy.export.registry import MODELS, get_spec
 from scarlet_deploy.runtime.core.artifacts import read_manifest
+from scarlet_deploy.runtime.core.cli_types import nonneg_int, port, positive_float, positive_int
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.host import physical_cores
 from scarlet_deploy.runtime.core.report import write_reports
@@ -34,15 +35,13 @@ def default_name(onnx: str) -> str:
 
 
 def _batching_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-batch", type=int, default=32, help="largest dynamic batch (default 32)")
-    p.add_argument("--max-queue-delay-us", type=int, default=2000,
+    p.add_argument("--max-batch", type=positive_int, default=32, help="largest dynamic batch (default 32)")
+    p.add_argument("--max-queue-delay-us", type=nonneg_int, default=2000,
                    help="how long Triton may hold a request to grow a batch (default 2000 us)")
-    p.add_argument("--instances", type=int, default=1, help="model instances (stub processes) per model (default 1)")
+    p.add_argument("--instances", type=positive_int, default=1, help="model instances (stub processes) per model (default 1)")
 
 
 def _batching(args: argparse.Namespace) -> Batching:
-    if args.max_batch < 1 or args.instances < 1 or args.max_queue_delay_us < 0:
-        raise ScarletError("--max-batch and --instances must be at least 1 and --max-queue-delay-us not negative.")
     return Batching(args.max_batch, args.max_queue_delay_us, args.instances)
 
 
@@ -69,10 +68,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="runtime behind both models: onnxruntime (default) or OpenVINO (ov, ov-bf16 where the CPU "
                         "has BF16); an INT8 Q/DQ ONNX on ov is OpenVINO INT8")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--threads", type=int, help="onnxruntime threads per instance (default: physical cores)")
+    p.add_argument("--http-port", type=port, default=8000)
+    p.add_argument("--grpc-port", type=port, default=8001)
+    p.add_argument("--metrics-port", type=port, default=8002)
+    p.add_argument("--threads", type=positive_int, help="onnxruntime threads per instance (default: physical cores)")
     p.add_argument("--log", help="append Triton's log to this file (default: discarded)")
     _batching_args(p)
     p.set_defaults(func=run_serve)
@@ -91,13 +90,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _artifact_args(p)
     p.add_argument("--preprocess-model", help=argparse.SUPPRESS)
     p.add_argument("--images", help="folder of real images to send (default: the shared ImageNet sample)")
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=10.0, help="per round and side (default 10)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--clients", type=positive_int, default=16)
+    p.add_argument("--seconds", type=positive_float, default=10.0, help="per round and side (default 10)")
+    p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
     p.add_argument("--endpoint", choices=ENDPOINTS, default="tensor",
                    help="tensor: NAME with preprocessed images; image: NAME_image with the encoded files")
-    p.add_argument("--threads", type=int, help="onnxruntime threads, served and in-process (default: physical cores)")
+    p.add_argument("--threads", type=positive_int, help="onnxruntime threads, served and in-process (default: physical cores)")
     p.add_argument("--log", help="append Triton's log to this file")
     p.add_argument("--json")
     p.add_argument("--markdown")
