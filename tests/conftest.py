@@ -20,6 +20,16 @@ from scarlet_deploy.runtime.data.preprocess import load_batch
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_outside_the_checkout(tmp_path_factory):
+    """verify's CLI caches references in ./build by default: tests (and the CLIs they start) keep theirs in tmp."""
+    import os
+
+    os.environ["SCARLET_CACHE_DIR"] = str(tmp_path_factory.mktemp("scarlet-cache"))
+    yield
+    os.environ.pop("SCARLET_CACHE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def val_dir() -> Path:
     d = default_val_dir()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from scarlet_deploy.runtime.core import cli_types
@@ -53,10 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the full report (every number, manifests, versions) here")
     p.add_argument("--markdown", help="write the markdown report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--cache-dir", type=Path, default=Path("build"), metavar="DIR",
+    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SCARLET_CACHE_DIR", "build")), metavar="DIR",
                    help="PyTorch reference logits are cached in DIR/reference/ (keyed by model, weights, "
                         "preprocessing and the image list) and the resume journal kept in DIR/verify-resume/ "
-                        "(default: build)")
+                        "(default: $SCARLET_CACHE_DIR, else build)")
     p.add_argument("--no-reference-cache", dest="reference_cache", action="store_false",
                    help="compute the PyTorch reference even when it is cached, and do not cache it")
     p.add_argument("--resume", action="store_true",
