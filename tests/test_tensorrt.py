@@ -376,7 +376,9 @@ def test_gpu_check_stops_a_calibration_at_the_deadline(tmp_path, val_dir):
     with pytest.raises(OutOfTime, match="while calibrating scarlet_a"):
         gpu_check.calibrate_within("scarlet_a", cfg, gpu_check.Deadline(3))
     assert time.monotonic() - t0 < 3 + gpu_check.STOP_GRACE_S + 5
-    assert not list(tmp_path.rglob("*.onnx*")), "a stopped calibration leaves no artifact, whole or partial"
+    # The FP32 export it starts from may finish first (a whole artifact of its own); the Q/DQ model may not exist.
+    left = [p.name for p in tmp_path.rglob("*") if ".int8" in p.name or p.name.endswith(".part")]
+    assert not left, f"a stopped calibration leaves no artifact, whole or partial: {left}"
 
 
 def test_a_failed_row_does_not_stop_the_others(tmp_path):
