@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from scarlet_deploy.runtime.core.errors import ScarletError
-from scarlet_deploy.runtime.core.host import CpuTimes, load_text, machine_load, physical_cores
+from scarlet_deploy.runtime.core.host import CpuTimes, isa_text, load_text, machine_load, physical_cores
 from scarlet_deploy.runtime.core.report import environment, fmt, markdown_table
 from scarlet_deploy.runtime.data.preprocess import Preprocess, deploy_bytes
 from scarlet_deploy.runtime.runners.ort import OrtOptions, OrtRunner
@@ -127,18 +127,6 @@ def payloads_for(endpoint: str, files: list[Path], pre: Preprocess) -> list[np.n
     return [deploy_bytes(np.fromfile(str(f), dtype=np.uint8), pre, str(f))[None] for f in files]
 
 
-def cpu_isa() -> str:
-    """The vector extensions onnxruntime can use here, as a speed claim must name them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
-    except OSError:
-        return "unknown"
-    named = [n for f, n in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"),
-                             ("amx_tile", "AMX")) if f in flags]
-    return " + ".join(named) or "no AVX2"
-
-
 def group_cpu_seconds(pgid: int | None) -> float:
     """CPU seconds used so far by the processes of a group (the server and its stubs)."""
     if pgid is None:
@@ -192,7 +180,7 @@ def measure(url: str, model: str, onnx: Path, files: list[Path], pre: Preprocess
         "errors": sum(r.errors for r in served),
         "machine_load": load,
         "environment": environment(),
-        "cpu_isa": cpu_isa(),
+        "cpu_isa": isa_text(),
     }
 
 
