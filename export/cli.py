@@ -12,7 +12,7 @@ def _batch(text: str) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from scarlet_deploy.export.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+    from scarlet_deploy.export.opsets import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
     from scarlet_deploy.export.registry import MODELS
 
     p = sub.add_parser("export", help="export one model to simplified ONNX (+ manifest)")

@@ -14,15 +14,13 @@ import torch
 from scarlet_deploy.export.checkpoint import LoadedModel, load_model
 from scarlet_deploy.export.fold import fold
 from scarlet_deploy.export.fuse import fuse_hard_activations, op_histogram
+from scarlet_deploy.export.opsets import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from scarlet_deploy.export.registry import get_spec
 from scarlet_deploy.export.weights import sample_images
 from scarlet_deploy.runtime.core.artifacts import atomic_path, manifest_path, sha256_file, tool_versions, write_manifest
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.paths import check_output
 
-DEFAULT_OPSET = 17
-MIN_OPSET = 14  # HardSwish
-MAX_OPSET = 20  # the newest opset torch.onnx's TorchScript exporter writes (torch.onnx._constants)
 PARITY_IMAGES = 8
 # Folding reorders float32 arithmetic; anything above this is a bug, not rounding.
 MAX_EXPORT_REL_ERROR = 1e-4
