@@ -18,15 +18,6 @@ def model_config(**overrides) -> pipeline.CalibConfig:
     return pipeline.CalibConfig(onnx=Path(), images=Path(), output=Path(), **{**MODEL_DEFAULTS, **overrides})
 
 
-def ensure_onnx(model: str, out_dir: Path, checkpoint: str | None) -> Path:
-    onnx = Path(out_dir) / f"{model}.onnx"
-    if not onnx.exists():
-        from scarlet_deploy.export.onnx_export import ExportConfig, export_model
-
-        export_model(ExportConfig(model=model, checkpoint=checkpoint, output=onnx))
-    return onnx
-
-
 def calibrate_model(model: str, out_dir: Path, val_dir: Path | None, targets: list[str], report: str | None,
                     checkpoint: str | None, base: pipeline.CalibConfig) -> list[pipeline.CalibResult]:
     from scarlet_deploy.runtime.data.images import default_val_dir
@@ -35,6 +26,8 @@ def calibrate_model(model: str, out_dir: Path, val_dir: Path | None, targets: li
     if images is None:
         raise ScarletError("no images to calibrate with: the shared ImageNet sample is not beside this checkout; "
                            "pass --val-dir DIR (make calib VAL_DIR=DIR) or set $SCARLET_VAL_DIR.")
+    from scarlet_deploy.export.onnx_export import ensure_onnx  # lazy: torch
+
     onnx = ensure_onnx(model, out_dir, checkpoint)
     bench = pipeline.prepare(onnx, images, base.num_images, base.seed, None, base.num_eval, model,
                              base.sensitivity_images, base.threads, base.num_select)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -159,3 +160,13 @@ def export_model(cfg: ExportConfig, loaded: LoadedModel | None = None) -> Export
     }
     write_manifest(out, manifest)
     return ExportReport(out, manifest)
+
+
+def ensure_onnx(model: str, out_dir: str | os.PathLike, checkpoint: str | None = None,
+                loaded: LoadedModel | None = None) -> Path:
+    """out_dir/<model>.onnx, exported when missing (a fresh clone): what bench, make calib and gpu-check
+    start from. `loaded` saves loading the model a second time."""
+    path = Path(out_dir) / f"{model}.onnx"
+    if not path.exists():
+        export_model(ExportConfig(model=model, checkpoint=checkpoint, output=path), loaded)
+    return path

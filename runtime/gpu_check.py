@@ -200,7 +200,7 @@ class Checker:
     def inputs(self, model: str) -> tuple[Path, np.ndarray, np.ndarray]:
         """(FP32 ONNX, preprocessed images, PyTorch logits) for `model`, exported when missing."""
         if model not in self._inputs:
-            from scarlet_deploy.export.onnx_export import ExportConfig, export_model
+            from scarlet_deploy.export.onnx_export import ensure_onnx
             from scarlet_deploy.export.registry import get_spec
             from scarlet_deploy.runtime.data.preprocess import load_batch
             from scarlet_deploy.runtime.runners.pytorch import TorchRunner
@@ -209,7 +209,7 @@ class Checker:
             if not path.is_file():
                 self.deadline.check(f"exporting {path}")
                 print(f"exporting {path}", file=sys.stderr)
-                export_model(ExportConfig(model, path))
+                ensure_onnx(model, self.cfg.build_dir)
             x = load_batch(self.files, get_spec(model).preprocess, "reference")
             # The reference on the GPU too (TF32 off: still an FP32 reference), as `scarlet verify --device cuda` runs it.
             with TorchRunner(_reference_model(model, path), device="cuda:0") as torch_runner:

@@ -101,19 +101,6 @@ def _mb(path: Path) -> float:
     return path.stat().st_size / 2 ** 20
 
 
-def ensure_onnx(model: str, build_dir: Path, loaded=None) -> Path:
-    """build/<model>.onnx, exported through the project's exporter when missing (fresh clone).
-
-    `loaded` (export.checkpoint.LoadedModel) saves loading the model a second time.
-    """
-    path = build_dir / f"{model}.onnx"
-    if not path.exists():
-        from scarlet_deploy.export.onnx_export import ExportConfig, export_model
-
-        export_model(ExportConfig(model=model, output=path), loaded)
-    return path
-
-
 def _engine_for(model: str, precision: str, cfg: BenchConfig) -> Path:
     for e in cfg.engines:  # an explicit --engine wins over the build-dir convention
         if e.name == f"{model}.{precision}.plan":
@@ -140,7 +127,9 @@ def calibrate_int8(model: str, cfg: BenchConfig) -> None:
 
 
 def plan_model(model: str, cfg: BenchConfig, loaded=None) -> ModelPlan:
-    onnx_path = ensure_onnx(model, cfg.build_dir, loaded)
+    from scarlet_deploy.export.onnx_export import ensure_onnx  # lazy: torch
+
+    onnx_path = ensure_onnx(model, cfg.build_dir, loaded=loaded)
     for path in (onnx_path, cfg.build_dir / f"{model}.int8.onnx"):
         if path.exists():  # a damaged file: one sentence before any timing (any input size is measured as it is)
             read_io(path)
