@@ -41,7 +41,7 @@ verify: setup
 	  $(if $(DEVICE),--device $(DEVICE)) $(if $(RESUME),--resume) --cache-dir $(BUILD) \
 	  --json $(REPORTS)/verify-$(MODEL)$(if $(LET),-let).json --markdown $(REPORTS)/verify-$(MODEL)$(if $(LET),-let).md
 
-## make calib [MODEL=...] [CALIB_ARGS="--method entropy ..."]: INT8 Q/DQ ONNX for onnxruntime and TensorRT
+## make calib [MODEL=...] [CALIB_ARGS="--targets ov --method entropy ..."]: INT8 Q/DQ ONNX for onnxruntime, TensorRT and OpenVINO
 CALIB_ARGS ?=
 calib: setup
 	$(SCARLET) calibrate-model --model $(MODEL) $(ckpt_arg) --out-dir $(BUILD) $(val_arg) \

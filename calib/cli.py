@@ -6,6 +6,7 @@ from pathlib import Path
 
 from scarlet_deploy.calib.model import MODEL_DEFAULTS
 from scarlet_deploy.calib.pipeline import trt_table_path
+from scarlet_deploy.calib.qdq import TARGETS
 from scarlet_deploy.runtime.core import cli_types
 from scarlet_deploy.runtime.core.artifacts import manifest_path
 from scarlet_deploy.runtime.core.paths import check_output
@@ -46,7 +47,9 @@ def register(sub) -> None:
                         "<wnid>/ folders or flat ILSVRC files with LOC_val_solution.csv)")
     p.add_argument("--eval-dir", type=Path, default=None,
                    help="evaluation images (default: --images minus the calibration images)")
-    p.add_argument("--target", default="ort", choices=("ort", "trt"))
+    p.add_argument("--target", default="ort", choices=TARGETS,
+                   help="ort: onnxruntime CPU (default); trt: TensorRT explicit quantization; ov: OpenVINO CPU "
+                        "(needs the openvino extra: its accuracy is measured on OpenVINO)")
     p.add_argument("--cache", type=Path, default=None, help="calibration cache: reused when it matches, written otherwise")
     p.add_argument("--model", default=None, help="registry model name, when the ONNX has no manifest")
     p.add_argument("-o", "--output", type=Path, required=True)
@@ -54,12 +57,13 @@ def register(sub) -> None:
     _common(p)
     p.set_defaults(func=run)
 
-    m = sub.add_parser("calibrate-model", help="INT8 ONNX for onnxruntime and TensorRT from build/<model>.onnx (make calib)")
+    m = sub.add_parser("calibrate-model", help="INT8 ONNX for onnxruntime, TensorRT and OpenVINO from build/<model>.onnx (make calib)")
     m.add_argument("--model", required=True)
     m.add_argument("--checkpoint", default=None, help="weights to export with when build/<model>.onnx is missing")
     m.add_argument("--out-dir", type=Path, default=Path("build"))
     m.add_argument("--val-dir", type=Path, default=None, help="images (default: the shared ImageNet sample)")
-    m.add_argument("--targets", nargs="+", default=["ort", "trt"], choices=("ort", "trt"))
+    m.add_argument("--targets", nargs="+", default=None, choices=TARGETS,
+                   help="default: ort trt, and ov where OpenVINO is installed")
     m.add_argument("--report", default=None, metavar="PREFIX")
     _common(m)
     m.set_defaults(func=run_model, **MODEL_DEFAULTS)
@@ -98,9 +102,13 @@ def run(args) -> int:
 
 
 def run_model(args) -> int:
-    from scarlet_deploy.calib.model import OUTPUT_SUFFIX, calibrate_model
+    from scarlet_deploy.calib.model import OUTPUT_SUFFIX, calibrate_model, default_targets
 
     float_onnx = args.out_dir / f"{args.model}.onnx"
+    if args.targets is None:
+        args.targets, note = default_targets()
+        if note:
+            print(note)
     for t in args.targets:  # --out-dir must be writable before minutes of calibration
         check_output(args.out_dir / f"{args.model}{OUTPUT_SUFFIX[t]}", [("--checkpoint", args.checkpoint), ("the float ONNX", float_onnx)],
                      "--out-dir")

@@ -23,14 +23,32 @@ class Accuracy:
 
 
 def logits(onnx_path: str | os.PathLike, images: np.ndarray, batch: int = 16, threads: int | None = None,
-           fake_quant: bool = False) -> np.ndarray:
-    """Logits through onnxruntime. `fake_quant` turns graph optimisations off, so Q/DQ pairs run as
-    float quantise-dequantise around float kernels: the arithmetic an explicit-quantization
-    engine such as TensorRT emulates, instead of onnxruntime's own integer kernels."""
-    from scarlet_deploy.runtime.runners.ort import OrtOptions, OrtRunner
+           runtime: str = "ort") -> np.ndarray:
+    """Logits of the model on `runtime` (a key of qdq.EVALUATED_WITH): "ort", onnxruntime with its graph
+    optimisations, so Q/DQ models run on its integer kernels; "fake-quant", onnxruntime with them off,
+    so Q/DQ pairs run as float quantise-dequantise around float kernels (the arithmetic an
+    explicit-quantization engine such as TensorRT emulates); "ov", OpenVINO's CPU plugin (its INT8
+    kernels, float ops in f32)."""
+    from scarlet_deploy.runtime.runners.base import Runner
 
-    with OrtRunner(onnx_path, options=OrtOptions(threads=threads, opt_level="disable" if fake_quant else "all")) as r:
-        return np.concatenate([r.infer(images[i:i + batch]) for i in range(0, len(images), batch)])
+    runner: Runner
+    if runtime == "ov":
+        from scarlet_deploy.runtime.runners.openvino import OvOptions, OvRunner
+
+        runner = OvRunner(onnx_path, options=OvOptions(threads=threads))
+        batch = min(batch, len(images)) or 1  # OpenVINO compiles per batch size: one size, the rest padded
+    else:
+        from scarlet_deploy.runtime.runners.ort import OrtOptions, OrtRunner
+
+        runner = OrtRunner(onnx_path, options=OrtOptions(threads=threads, opt_level="disable" if runtime == "fake-quant" else "all"))
+    with runner as r:
+        out = []
+        for i in range(0, len(images), batch):
+            x = images[i:i + batch]
+            if runtime == "ov" and len(x) < batch:
+                x = np.concatenate([x, np.zeros((batch - len(x), *x.shape[1:]), x.dtype)])
+            out.append(r.infer(x)[:len(images[i:i + batch])])
+        return np.concatenate(out)
 
 
 def accuracy(out: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None = None) -> Accuracy:
@@ -60,14 +78,17 @@ def kl_per_image(out: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def side_by_side_throughput(paths: dict[str, str | os.PathLike], batch: int = 8, rounds: int = 10,
-                            threads: int | None = None, seed: int = 0) -> dict[str, float]:
-    """Images/s per model, measured interleaved by the bench's own loop (rounds rotate the order,
-    so load from other users of a shared machine hits every model alike); median call time."""
+                            threads: int | None = None, seed: int = 0, runtime: str = "ort") -> dict[str, float]:
+    """Images/s per model on `runtime` (ort, or ov: OpenVINO, float ops in f32), measured interleaved by
+    the bench's own loop (rounds rotate the order, so load from other users of a shared machine hits
+    every model alike); median call time."""
     from scarlet_deploy.runtime.measure import measure_interleaved, wall_timer
+    from scarlet_deploy.runtime.runners.openvino import OvOptions, OvRunner
     from scarlet_deploy.runtime.runners.ort import OrtOptions, OrtRunner
 
     x = np.random.default_rng(seed).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-    runners = {k: OrtRunner(p, options=OrtOptions(threads=threads)).load() for k, p in paths.items()}
+    runners = {k: (OvRunner(p, options=OvOptions(threads=threads)) if runtime == "ov"
+                   else OrtRunner(p, options=OrtOptions(threads=threads))).load() for k, p in paths.items()}
     try:
         times = measure_interleaved({k: wall_timer(r, x) for k, r in runners.items()}, repeats=rounds,
                                     seconds=0.0, warmup_s=0.0, min_calls=3)

@@ -206,7 +206,7 @@ def _evaluate(bench: Bench, path: Path, target: qdq.Target, on: str = "select") 
     report states, read once per kept model)."""
     x, y, ref = (bench.x_select, bench.y_select, bench.ref_select) if on == "select" else \
         (bench.x_eval, bench.y_eval, bench.ref_eval)
-    out = evaluate.logits(path, x, threads=bench.threads, fake_quant=target.fake_quant_eval)
+    out = evaluate.logits(path, x, threads=bench.threads, runtime=target.evaluate_with)
     return evaluate.accuracy(out, y, ref)
 
 
@@ -286,7 +286,8 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
                 paths["int8_all_layers"] = full
             if base is not None:
                 paths["plain"] = base.path
-            throughput = evaluate.side_by_side_throughput(paths, rounds=cfg.bench_rounds, threads=bench.threads)
+            throughput = evaluate.side_by_side_throughput(paths, rounds=cfg.bench_rounds, threads=bench.threads,
+                                                          runtime="ov" if target.evaluate_with == "ov" else "ort")
 
     final = _evaluate(bench, cfg.output, target, on="report") if len(bench.x_eval) else None
     res = CalibResult(Path(cfg.output), target.name, choice.method, source, final, found if budget else None, sens,
@@ -314,8 +315,7 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
         "quantization": {"activations": target.activation_type, "weights": f"{target.weight_type} per-channel",
                          "symmetric_activations": target.symmetric, "reduce_range": target.reduce_range,
                          "gemm_input_bits": target.gemm_input_bits,
-                         "accuracy_measured_with": "fake-quant (Q/DQ in float)" if target.fake_quant_eval
-                         else "onnxruntime CPU integer kernels"},
+                         "accuracy_measured_with": qdq.EVALUATED_WITH[target.evaluate_with]},
         "calibration_images": {"count": len(bench.split.calib), "seed": cfg.seed, "dir": str(cfg.images)},
         "selection_images": {"count": len(bench.split.select), "disjoint_from": ["calibration", "report"]},
         "evaluation_images": {"count": len(bench.split.eval), "disjoint_from_calibration": True,
@@ -366,7 +366,7 @@ def _float_layers_worth_it(bench: Bench, target: qdq.Target, full: Path, mixed: 
     (twice the standard error of the per-image difference): a top-1 change of one or two images,
     which the budget reads, must not decide alone."""
     def per_image(path: Path) -> np.ndarray:
-        out = evaluate.logits(path, bench.x_select, threads=bench.threads, fake_quant=target.fake_quant_eval)
+        out = evaluate.logits(path, bench.x_select, threads=bench.threads, runtime=target.evaluate_with)
         return evaluate.kl_per_image(out, bench.ref_select)
 
     kl_full, kl_mixed = per_image(full), per_image(mixed)
@@ -421,6 +421,7 @@ def _check_cache_first(cfg: CalibConfig) -> None:
 
 
 def calibrate(cfg: CalibConfig) -> tuple[Bench, CalibResult]:
+    qdq.get_target(cfg.target)  # a target this host cannot judge fails before minutes of work
     _check_cache_first(cfg)
     bench = prepare(cfg.onnx, cfg.images, cfg.num_images, cfg.seed, cfg.eval_dir, cfg.num_eval, cfg.model,
                     cfg.sensitivity_images, cfg.threads, cfg.num_select)
@@ -537,11 +538,12 @@ def _side_by_side(data: dict[str, Any], t: dict[str, Any]) -> str:
                          [[label, (a or {}).get("images"), (a or {}).get("top1"), (a or {}).get("agreement"),
                            (a or {}).get("kl"), (a or {}).get("logits_rmse"), v, fmt(v / speed) + "x" if v and speed else ""]
                           for label, a, v in rows])]
-    if t["measured_with"].startswith("fake-quant") and base:
-        md.append("\nThe baseline runs on onnxruntime's integer kernels; this target's model as fake-quant "
-                  "(TensorRT's arithmetic), so their errors compare arithmetic as well as calibration.\n")
+    if t["measured_with"] != qdq.EVALUATED_WITH["ort"] and base:
+        md.append(f"\nThe baseline's accuracy is measured on onnxruntime's integer kernels, this target's with "
+                  f"{t['measured_with']}, so their errors compare arithmetic as well as calibration.\n")
     if tp:
-        md.append("\nSpeed: batch 8, measured interleaved in one run on this CPU "
+        on = "OpenVINO (every row)" if t["measured_with"] == qdq.EVALUATED_WITH["ov"] else "onnxruntime"
+        md.append(f"\nSpeed: batch 8 on {on}, measured interleaved in one run on this CPU "
                   f"({data.get('isa', 'ISA unknown')}).\n")
     fl = (t.get("bias_correction") or {}).get("float_layers") or {}
     if fl:

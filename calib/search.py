@@ -49,7 +49,7 @@ def sensitivities(model_path: str | os.PathLike, ranges: dict, target: qdq.Targe
         path = Path(d) / "one.onnx"
         for node, group in tqdm(qdq.layers(model_path, target).items(), desc="layer sensitivity", unit="layer", leave=False):
             qdq.quantize(model_path, ranges, target, path, nodes_to_quantize=group)
-            acc = evaluate.accuracy(evaluate.logits(path, probe, threads=threads, fake_quant=target.fake_quant_eval),
+            acc = evaluate.accuracy(evaluate.logits(path, probe, threads=threads, runtime=target.evaluate_with),
                                     None, reference)
             out.append(Sensitivity(node, ops[node], acc.logits_rmse, acc.agreement))
     return sorted(out, key=lambda s: -s.logits_rmse)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -376,7 +377,7 @@ def test_accuracy_comes_from_a_calib_report_of_the_same_onnx_only(tiny_build, tm
 
 
 def test_failed_calibration_is_a_stated_skip(tiny_build, monkeypatch):
-    def fail(model, cfg):
+    def fail(model, target, cfg):
         raise ScarletError("no images to calibrate with")
 
     monkeypatch.setattr(bplan, "calibrate_int8", fail)
@@ -384,6 +385,19 @@ def test_failed_calibration_is_a_stated_skip(tiny_build, monkeypatch):
     plan = bplan.plan_model("scarlet_a", cfg)
     assert list(plan.artifacts) == ["ort"]
     assert plan.skipped == {"ort-int8": "calibration failed: no images to calibrate with"}
+
+
+def test_each_int8_backend_runs_the_model_calibrated_for_its_runtime(tiny_build, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    shutil.copy(tiny_build / "scarlet_a.onnx", tmp_path / "scarlet_a.onnx")
+    shutil.copy(tiny_build / "scarlet_a.onnx", tmp_path / "scarlet_a.int8.onnx")  # stands in for make calib's
+    asked = []
+    monkeypatch.setattr(bplan, "calibrate_int8", lambda model, target, cfg: asked.append(target))
+    cfg = bplan.BenchConfig(models=["scarlet_a"], backends=["ort-int8", "ov-int8"], build_dir=tmp_path, calibrate=True)
+    plan = bplan.plan_model("scarlet_a", cfg)
+    assert asked == ["ov"]  # build/scarlet_a.int8.onnx is there; the OpenVINO one is not
+    assert plan.artifacts["ort-int8"].path.name == "scarlet_a.int8.onnx"
+    assert "scarlet_a.int8-ov.onnx" in plan.skipped["ov-int8"] and '--targets ov' in plan.skipped["ov-int8"]
 
 
 def test_readme_section_is_replaced_between_markers_only(tmp_path):

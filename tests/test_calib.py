@@ -89,6 +89,35 @@ def test_trt_target_is_symmetric_int8_per_channel_at_weighted_inputs(tiny, tmp_p
     assert {consumers[n.output[0]] for n in dqs} <= {"Conv", "Gemm", "Add"}
 
 
+def test_ov_target_quantises_layer_inputs_only_so_openvino_fuses_the_activations(tiny, tmp_path):
+    import onnx
+
+    path, st = tiny
+    target = qdq.TARGET_CONFIGS["ov"]  # get_target would ask for OpenVINO, which this structure needs not
+    out = tmp_path / "tiny.int8-ov.onnx"
+    qdq.quantize(path, ranges.compute_ranges(st, "percentile", target.symmetric), target, out)
+    model = onnx.load(out)
+    inits = _initializers(model)
+    by_output = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs
+    for n in convs:
+        x_dq, w_dq = by_output[n.input[0]], by_output[n.input[1]]
+        assert x_dq.op_type == w_dq.op_type == "DequantizeLinear"
+        assert inits[x_dq.input[2]].dtype == np.uint8, "activations: UINT8 with a zero point"
+        assert inits[w_dq.input[0]].dtype == np.int8 and not inits[w_dq.input[2]].any(), "weights: symmetric INT8"
+        # the output stays float up to the next layer's input (OpenVINO's post-op fusion pattern); conv2's
+        # is quantised as an input of the Add, a quantised layer itself
+        assert "QuantizeLinear" not in consumers.get(n.output[0], []) or n.name == "conv2"
+    assert consumers["c1"] == ["Relu"], "the activation reads the float conv output"
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert {c for n in dqs for c in consumers[n.output[0]]} <= {"Conv", "Gemm", "MatMul", "Add"}
+
+
 def test_ort_target_uses_uint8_activations_and_int8_weights(tiny, tmp_path):
     import onnx
 
@@ -551,7 +580,7 @@ def test_float_layers_stay_only_when_they_beat_the_noise(monkeypatch):
     full = ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.3
     outs = {"full": full, "same": full + rng.standard_normal(ref.shape).astype(np.float32) * 0.01,
             "better": ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.1}
-    monkeypatch.setattr(evaluate, "logits", lambda path, x, threads=None, fake_quant=False: outs[Path(path).stem])
+    monkeypatch.setattr(evaluate, "logits", lambda path, x, threads=None, runtime="ort": outs[Path(path).stem])
     bench = SimpleNamespace(x_select=np.zeros((100, 1)), ref_select=ref, threads=1)
     target = qdq.get_target("ort")
     blip = pipeline._float_layers_worth_it(bench, target, Path("full.onnx"), Path("same.onnx"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -93,6 +94,27 @@ def test_each_onnx_becomes_a_backend_of_each_runtime_gated_by_its_own_precision(
     assert t.check("fp16", 0.985, 0.0)[0] is False  # fp16 keeps its own, stricter floor
 
 
+def test_a_model_calibrated_for_openvino_is_verified_on_openvino_only(tmp_path):
+    f = vdisc.Backend("m.int8-ov.onnx", "ort", tmp_path / "m.int8-ov.onnx", "int8", {"target": "ov"})
+    notes: list[str] = []
+    got = [b.backend for r in ("ort", "ov", "ov-bf16") for b in vdisc.on_runtime([f], r, notes)]
+    assert got == ["ov-int8"]
+    assert notes[0] == "m.int8-ov.onnx not run on ort: it was calibrated for OpenVINO (--target ov); it runs as ov-int8"
+
+
+def test_without_openvino_the_ov_target_is_refused_before_any_work_and_make_calib_leaves_it_out(monkeypatch):
+    from scarlet_deploy.calib import model as cmodel
+    from scarlet_deploy.calib import qdq
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(ScarletError, match="--target ov is judged on OpenVINO's own INT8 kernels: OpenVINO is not installed"):
+        qdq.get_target("ov")
+    with pytest.raises(ScarletError, match="--target ov is judged"):  # before images are read or the model exported
+        cmodel.calibrate_model("scarlet_a", Path("/nonexistent"), None, ["ov"], None, None, cmodel.model_config())
+    targets, note = cmodel.default_targets()
+    assert targets == ["ort", "trt"] and note.startswith("target ov skipped: OpenVINO is not installed")
+
+
 @pytest.mark.slow
 @needs_openvino
 def test_openvino_runs_exported_lite0_like_onnxruntime_on_real_images(lite0_onnx, eval_batch):
@@ -108,6 +130,36 @@ def test_openvino_runs_exported_lite0_like_onnxruntime_on_real_images(lite0_onnx
     assert out.shape == ref.shape and np.isfinite(out).all()
     assert (out.argmax(1) == ref.argmax(1)).all()
     assert np.abs(out - ref).max() / scale < 1e-4  # f32 kernels: rounding, not bf16
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_openvino_target_model_runs_int8_on_openvino_and_tracks_fp32(lite0_onnx, val_files, eval_batch, tmp_path):
+    from scarlet_deploy.calib import evaluate, qdq, ranges, stats
+    from scarlet_deploy.export.registry import get_spec
+    from scarlet_deploy.runtime.data.preprocess import load_batch
+
+    target = qdq.get_target("ov")
+    calib_x = load_batch(val_files[3::16][:32], get_spec(LITE0).preprocess)
+    out = tmp_path / "lite0.int8-ov.onnx"
+    qdq.quantize(lite0_onnx, ranges.compute_ranges(stats.collect(lite0_onnx, calib_x, batch=8, threads=2), "minmax",
+                                                   target.symmetric), target, out)
+    x = eval_batch(LITE0, 48)
+    ref = evaluate.logits(lite0_onnx, x, threads=2)
+    on_ov = evaluate.logits(out, x, threads=2, runtime="ov")
+    fake = evaluate.logits(out, x, threads=2, runtime="fake-quant")
+    assert np.isfinite(on_ov).all()
+    # OpenVINO runs the very arithmetic the Q/DQ pairs state, INT8 kernels and all ...
+    assert evaluate.accuracy(on_ov, None, fake).logits_rmse < 0.05
+    # ... and that arithmetic is INT8: not FP32's numbers, yet FP32's top-1 on nearly every image
+    acc = evaluate.accuracy(on_ov, None, ref)
+    assert 1e-3 < acc.logits_rmse < 0.3 and acc.agreement >= 90
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(out), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    convs = [op for op in compiled.get_runtime_model().get_ordered_ops()
+             if op.get_rt_info()["layerType"].astype(str) == "Convolution"]
+    assert convs and all(op.get_rt_info()["runtimePrecision"].astype(str) == "u8" for op in convs)
 
 
 @pytest.mark.slow

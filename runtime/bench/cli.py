@@ -29,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=cli_types.nonneg_float, default=0.5, help="warm-up seconds per backend (not recorded)")
     p.add_argument("--tune", action="store_true", help="try a small onnxruntime settings grid first; use the winner")
     p.add_argument("--calibrate-missing", action="store_true",
-                   help="create a missing build/<model>.int8.onnx as `make calib` does (minutes per model)")
+                   help="create a missing build/<model>.int8.onnx (ort-int8) or .int8-ov.onnx (ov-int8) "
+                        "as `make calib` does (minutes per model)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure peak memory per backend in a subprocess")
     p.add_argument("--channels-last", action="store_true", help="run the PyTorch baseline in channels_last")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scarlet_deploy.calib.model import calibrate_model, model_config
+from scarlet_deploy.calib.model import OUTPUT_SUFFIX, calibrate_model, model_config
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.host import physical_cores
 from scarlet_deploy.runtime.core.onnx_io import read_io
@@ -119,10 +119,16 @@ def trt_unavailable() -> str | None:
     return None
 
 
-def calibrate_int8(model: str, cfg: BenchConfig) -> None:
-    """build/<model>.int8.onnx as `make calib` makes it; method comparison and its speed check are
-    skipped since this run measures speed itself."""
-    calibrate_model(model, cfg.build_dir, None, ["ort"], str(cfg.reports_dir / f"calib-{model}"), None,
+# The calibration target whose Q/DQ ONNX each INT8 backend runs: the one made for its runtime
+INT8_TARGETS = {"ort-int8": "ort", "ov-int8": "ov"}
+
+
+def calibrate_int8(model: str, target: str, cfg: BenchConfig) -> None:
+    """build/<model><suffix> for `target` as `make calib` makes it; method comparison and its speed
+    check are skipped since this run measures speed itself."""
+    # calib-<model>.json (what known_accuracy reads) is the onnxruntime model's; `make calib` writes it too
+    report = cfg.reports_dir / (f"calib-{model}" if target == "ort" else f"calib-{model}-{target}")
+    calibrate_model(model, cfg.build_dir, None, [target], str(report), None,
                     model_config(compare_methods=False, bench_rounds=0, threads=cfg.threads))
 
 
@@ -130,7 +136,7 @@ def plan_model(model: str, cfg: BenchConfig, loaded=None) -> ModelPlan:
     from scarlet_deploy.export.onnx_export import ensure_onnx  # lazy: torch
 
     onnx_path = ensure_onnx(model, cfg.build_dir, loaded=loaded)
-    for path in (onnx_path, cfg.build_dir / f"{model}.int8.onnx"):
+    for path in (onnx_path, *(cfg.build_dir / f"{model}{OUTPUT_SUFFIX[t]}" for t in INT8_TARGETS.values())):
         if path.exists():  # a damaged file: one sentence before any timing (any input size is measured as it is)
             read_io(path)
     arts: dict[str, Artifact] = {}
@@ -144,18 +150,20 @@ def plan_model(model: str, cfg: BenchConfig, loaded=None) -> ModelPlan:
             arts[b] = Artifact(b, None, 0.0)  # size filled in once the model is built
         elif b in ("ort", "ov", "ov-bf16"):
             arts[b] = Artifact(b, onnx_path, _mb(onnx_path))
-        elif b in ("ort-int8", "ov-int8"):  # both run the one Q/DQ file `make calib` writes
-            p = cfg.build_dir / f"{model}.int8.onnx"
+        elif b in INT8_TARGETS:
+            target = INT8_TARGETS[b]
+            p = cfg.build_dir / f"{model}{OUTPUT_SUFFIX[target]}"
             if not p.exists() and cfg.calibrate:
                 try:
-                    calibrate_int8(model, cfg)
+                    calibrate_int8(model, target, cfg)
                 except ScarletError as e:
                     skipped[b] = f"calibration failed: {str(e).rstrip('.')}"
                     continue
             if p.exists():
                 arts[b] = Artifact(b, p, _mb(p))
             else:
-                skipped[b] = f"no calibrated INT8 model {p}; create it with `make calib MODEL={model}`"
+                skipped[b] = f"no calibrated INT8 model {p}; create it with `make calib MODEL={model}`" + \
+                    (f' CALIB_ARGS="--targets {target}"' if target != "ort" else "")
         else:
             precision = b.split("-", 1)[1]
             p = _engine_for(model, precision, cfg)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from scarlet_deploy.runtime.bench.memory import measure_memory
-from scarlet_deploy.runtime.bench.plan import REFERENCES, BenchConfig, ModelPlan, bench_input, plan_model
+from scarlet_deploy.runtime.bench.plan import INT8_TARGETS, REFERENCES, BenchConfig, ModelPlan, bench_input, plan_model
 from scarlet_deploy.runtime.bench.tune import tune_grid, tune_ort
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.host import CpuTimes, machine_load
@@ -71,11 +71,12 @@ def known_accuracy(plan: ModelPlan, reports_dir: Path) -> dict[str, float]:
     if calib and calib.get("source_onnx_sha256") == sha256_file(plan.onnx):
         if (calib.get("fp32") or {}).get("top1") is not None:
             out["ort"] = float(calib["fp32"]["top1"])
-        int8 = plan.artifacts.get("ort-int8")
-        for t in calib.get("targets", []):
-            if t.get("target") == "ort" and int8 and Path(t.get("output", "")).name == int8.path.name \
-                    and (t.get("int8") or {}).get("top1") is not None:
-                out["ort-int8"] = float(t["int8"]["top1"])
+        for backend, target in INT8_TARGETS.items():
+            int8 = plan.artifacts.get(backend)
+            for t in calib.get("targets", []):
+                if t.get("target") == target and int8 and Path(t.get("output", "")).name == int8.path.name \
+                        and (t.get("int8") or {}).get("top1") is not None:
+                    out[backend] = float(t["int8"]["top1"])
     verify = _read_json(reports_dir / f"verify-{plan.model}.json")
     if verify:  # top-1 there is a fraction; rows are matched to what is benchmarked by backend and file name
         ref = verify.get("reference") or {}

@@ -170,9 +170,14 @@ def available_runtimes(requested: list[str]) -> tuple[list[str], list[str]]:
 
 
 def on_runtime(files: list[Backend], runtime: str, notes: list[str]) -> list[Backend]:
-    """Each ONNX as a backend of `runtime`; ov-bf16 takes only FP32 files (it lowers their float ops to bf16)."""
+    """Each ONNX as a backend of `runtime`; ov-bf16 takes only FP32 files (it lowers their float ops to bf16),
+    and a Q/DQ model calibrated for OpenVINO (`--target ov`) runs on ov alone: its float convolutions
+    between Q/DQ pairs are OpenVINO's fusion pattern, which onnxruntime would run in float."""
     out = []
     for f in files:
+        if (f.manifest or {}).get("target") == "ov" and runtime != "ov":
+            notes.append(f"{f.name} not run on {runtime}: it was calibrated for OpenVINO (--target ov); it runs as ov-int8")
+            continue
         if runtime == "ov-bf16" and f.precision != "fp32":
             notes.append(f"{f.name} not run on ov-bf16: it is {f.precision}, and ov-bf16 lowers the float ops of an FP32 ONNX")
             continue
