@@ -274,7 +274,7 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
         else:
             plain_q, kept, selected, bias_info = finish(found.nodes_to_exclude, "final", searched)
         with atomic_path(cfg.output) as tmp:
-            Path(tmp).write_bytes(kept.read_bytes())
+            padded = _deployable(kept, Path(tmp), target)
         errors = layer_error.table(bench.onnx, plain_q, kept if kept != plain_q else None,
                                    bench.x_select[:cfg.layer_error_images], threads=bench.threads) \
             if cfg.layer_error_images and len(bench.x_select) else []
@@ -283,7 +283,8 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
         if cfg.bench_rounds:
             paths = {"fp32": bench.onnx, "int8": cfg.output}
             if found.nodes_to_exclude and full is not None:  # what the float layers cost
-                paths["int8_all_layers"] = full
+                paths["int8_all_layers"] = full.with_name("all-int8-deployable.onnx")
+                _deployable(full, paths["int8_all_layers"], target)  # timed like the model it is compared with
             if base is not None:
                 paths["plain"] = base.path
             throughput = evaluate.side_by_side_throughput(paths, rounds=cfg.bench_rounds, threads=bench.threads,
@@ -322,6 +323,7 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
                               "role": "report: read by no decision"},
         "bias_correction": {"mode": res.bias.get("mode"), "kept": res.bias.get("kept"), "images": res.bias.get("images")},
         "nodes_kept_float": found.nodes_to_exclude,
+        "depthwise_padded_to_16_channels": padded,
         "budget": {"max_top1_drop": cfg.max_top1_drop, "min_agreement": cfg.min_agreement,
                    "met": found.met if budget else None},
         "accuracy": {"fp32": bench.fp32.as_dict(), "int8": final.as_dict() if final else None},
@@ -330,6 +332,23 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
     }
     write_manifest(cfg.output, res.manifest)
     return res
+
+
+def _deployable(model: Path, output: Path, target: qdq.Target) -> list[str]:
+    """Write the model as it ships: for onnxruntime, depthwise layers padded to the channel count its
+    fast kernel takes (calib/channel_pad.py). Decisions were taken on the unpadded models, whose
+    per-channel statistics match the float model's; returns the depthwise layers padded."""
+    if not target.pad_depthwise:
+        output.write_bytes(model.read_bytes())
+        return []
+    import onnx
+
+    from scarlet_deploy.calib.channel_pad import pad_depthwise_channels
+
+    m = onnx.load(str(model))
+    padded = pad_depthwise_channels(m)
+    onnx.save(m, str(output))
+    return padded
 
 
 def _bias_correction(bench: Bench, target: qdq.Target, cfg: CalibConfig, model: Path, work: Path,

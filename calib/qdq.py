@@ -36,6 +36,8 @@ class Target:
     gemm_input_bits: int = 8
     # HardSwish as Add/Clip/Mul, which onnxruntime runs on integer kernels (see integer_hardswish)
     integer_hardswish: bool = False
+    # depthwise layers padded to 16 channels, which onnxruntime's fast INT8 depthwise kernel needs (channel_pad.py)
+    pad_depthwise: bool = False
     # What the accuracy is judged with: the runtime that runs the model. "ort": onnxruntime's CPU
     # integer kernels; "fake-quant": Q/DQ run as float quantise-dequantise, TensorRT's arithmetic
     # (on Lite0 the TensorRT Q/DQ model scores 88.3 % top-1 as fake-quant but 68 % through MLAS's
@@ -52,7 +54,7 @@ TARGET_CONFIGS: dict[str, Target] = {
                   # a layer kept in float reads the tensor in front of the Q, which must be activated.
                   extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],
                                  "QDQKeepRemovableActivations": True},
-                  integer_hardswish=True),
+                  integer_hardswish=True, pad_depthwise=True),
     # TensorRT explicit quantization: symmetric INT8, per-channel weights, Q/DQ on the inputs of
     # weighted layers (outputs stay float so TensorRT picks the fusion), float bias, and the
     # residual Add input that TensorRT fuses into the preceding convolution.
