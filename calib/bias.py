@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from scarlet_deploy.calib.qdq import WEIGHTED_OPS
+from scarlet_deploy.calib.qdq import WEIGHTED_OPS, edges
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.host import physical_cores
 
@@ -77,11 +77,7 @@ def _activations(float_model) -> dict[str, tuple[str, float, float]]:
     """Float tensor -> the ReLU/Clip bounds applied to it, where that activation is its only reader."""
     g = float_model.graph
     inits = {t.name: t for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in g.node:
-        for t in n.input:
-            readers.setdefault(t, []).append(n)
+    producers, readers = edges(g)
     out = {}
     for t, rs in readers.items():
         if len(rs) != 1:

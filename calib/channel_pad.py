@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from scarlet_deploy.calib.qdq import edges
+
 ALIGN = 16
 # Ops that act on each channel alone (and Q/DQ of activations): a channel group passes through them
 PER_CHANNEL_OPS = ("QuantizeLinear", "DequantizeLinear", "Add", "Mul", "Clip", "Relu", "HardSwish", "HardSigmoid",
@@ -49,11 +51,7 @@ def pad_depthwise_channels(model, align: int = ALIGN) -> list[str]:
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = edges(g)
     outputs = {o.name for o in g.output}
 
     def weight(conv) -> tuple[str, ...] | None:
@@ -72,43 +70,45 @@ def pad_depthwise_channels(model, align: int = ALIGN) -> list[str]:
         src = t if p is None else (p.input[0] if p.op_type == "DequantizeLinear" else None)
         return src in inits and int(np.prod(inits[src].dims)) == 1
 
+    def data_inputs(node) -> list[str]:  # a Q/DQ's scale and zero point, like any constant, are no channels
+        ins = node.input[:1] if node.op_type in ("QuantizeLinear", "DequantizeLinear") else node.input
+        return [i for i in ins if i and not constant(i)]
+
     def group_of(start) -> _Group | None:
         grp, todo = _Group(depthwise={start.name}), [start.input[0], start.output[0]]
+
+        def meet_conv(conv, writes_group: bool) -> bool:
+            """A Conv at the group's edge: a depthwise one joins and carries the group through."""
+            if _is_depthwise(conv, shape(conv)):
+                grp.depthwise.add(conv.name)
+                todo.append(conv.input[0] if writes_group else conv.output[0])
+            elif weight(conv) is not None:
+                (grp.writers if writes_group else grp.readers).add(conv.name)
+            else:
+                return False
+            return True
+
         while todo:
             t = todo.pop()
             if t in grp.tensors:
                 continue
             grp.tensors.add(t)
-            if t in outputs:
-                return None
             p = producers.get(t)
-            if p is None:
+            if t in outputs or p is None:
                 return None
             if p.op_type == "Conv":
-                if _is_depthwise(p, shape(p)):
-                    grp.depthwise.add(p.name)
-                    todo.append(p.input[0])
-                elif weight(p) is not None:
-                    grp.writers.add(p.name)
-                else:
+                if not meet_conv(p, writes_group=True):
                     return None
             elif p.op_type in PER_CHANNEL_OPS:
-                todo += [i for i in p.input[:1 if p.op_type in ("QuantizeLinear", "DequantizeLinear") else None]
-                         if i and not constant(i)]
+                todo += data_inputs(p)
             else:
                 return None
             for c in consumers.get(t, []):
                 if c.op_type == "Conv" and c.input[0] == t:
-                    if _is_depthwise(c, shape(c)):
-                        grp.depthwise.add(c.name)
-                        todo.append(c.output[0])
-                    elif weight(c) is not None:
-                        grp.readers.add(c.name)
-                    else:
+                    if not meet_conv(c, writes_group=False):
                         return None
                 elif c.op_type in PER_CHANNEL_OPS:
-                    todo += list(c.output) + [i for i in c.input[:1 if c.op_type in ("QuantizeLinear", "DequantizeLinear")
-                                                                else None] if i and not constant(i)]
+                    todo += list(c.output) + data_inputs(c)
                 else:
                     return None
         return grp

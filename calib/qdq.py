@@ -141,7 +141,7 @@ def guard_gemm_inputs(model, ranges: Ranges, bits: int,
         return ranges, []
     g = model.graph
     dims = {t.name: list(t.dims) for t in g.initializer}
-    producers = _edges(g)[0]
+    producers = edges(g)[0]
     f = 255.0 / (2 ** bits - 1)
 
     def widened(name: str) -> tuple[float, float]:
@@ -184,7 +184,7 @@ def integer_hardswish(model, ranges: Ranges, quantised: Callable[[str], bool] = 
     from onnx import helper, numpy_helper
 
     g = model.graph
-    producers = _edges(g)[0]
+    producers = edges(g)[0]
     todo = [n for n in g.node if n.op_type == "HardSwish" and n.input[0] in ranges and n.output[0] in ranges
             and n.input[0] in producers and quantised(producers[n.input[0]].name)]
     if not todo:
@@ -211,7 +211,7 @@ def integer_hardswish(model, ranges: Ranges, quantised: Callable[[str], bool] = 
     return out, added
 
 
-def _edges(graph) -> tuple[dict[str, Any], dict[str, list]]:
+def edges(graph) -> tuple[dict[str, Any], dict[str, list]]:
     """Tensor name -> the node that writes it, and -> the nodes that read it."""
     producers = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -228,7 +228,7 @@ def fold_scales(model, names: list[str]) -> int:
     from onnx import numpy_helper
 
     g = model.graph
-    producers, consumers = _edges(g)
+    producers, consumers = edges(g)
     inits = {t.name: t for t in g.initializer}
     folded, drop = 0, []
     for mul in [n for n in g.node if n.name in set(names) and n.op_type == "Mul"]:
@@ -345,7 +345,7 @@ def _read_float_inputs(model, names: set[str]) -> None:
     into a QLinearConv with per-tensor 8-bit weights (which saturate on AVX2), so without this an
     excluded layer ran in INT8 anyway and less accurately (Lite0: logits RMSE 0.21 -> 0.34)."""
     g = model.graph
-    producers = _edges(g)[0]
+    producers = edges(g)[0]
     for n in g.node:
         if n.name not in names:
             continue
@@ -361,7 +361,7 @@ def _drop_qdq_before_fused_add(model) -> int:
     """TensorRT fuses `Conv -> Add(residual)` when only the residual input of the Add is quantized:
     remove the Q/DQ pair between a weighted layer's output and an Add that is its only consumer."""
     g = model.graph
-    producers, consumers = _edges(g)
+    producers, consumers = edges(g)
     dropped = 0
     for add in [n for n in g.node if n.op_type == "Add"]:
         for k, t in enumerate(add.input):
@@ -408,7 +408,7 @@ def layers(model_path: str | os.PathLike, target: Target) -> dict[str, list[str]
 
     g = onnx.load(str(model_path), load_external_data=False).graph
     ops = _target_ops(target)
-    consumers = _edges(g)[1]
+    consumers = edges(g)[1]
     out: dict[str, list[str]] = {}
     absorbed: set[str] = set()
     for n in g.node:
