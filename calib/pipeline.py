@@ -470,6 +470,7 @@ def report_data(bench: Bench, results: list[CalibResult]) -> dict[str, Any]:
             "method_choice": r.manifest.get("method_choice"),
             "int8": r.int8.as_dict() if r.int8 else None,
             "nodes_kept_float": r.manifest.get("nodes_kept_float", []),
+            "depthwise_padded": r.manifest.get("depthwise_padded_to_16_channels", []),
             "budget": r.manifest.get("budget"),
             "measured_with": r.manifest["quantization"]["accuracy_measured_with"],
             "search_steps": [{"kept_float": s.kept_float, **s.accuracy.as_dict(), "within_budget": s.within_budget,
@@ -511,7 +512,11 @@ def report_markdown(data: dict[str, Any]) -> str:
         md.append(f"Method **{t['method']}** ({t.get('method_choice') or 'given'}; ranges from {t['ranges_from']}); "
                   f"budget {t['budget']}; "
                   f"INT8 accuracy measured with {t['measured_with']}. "
-                  f"Size {fmt(t['size_bytes']['fp32'] / 1e6)} MB FP32 -> {fmt(t['size_bytes']['int8'] / 1e6)} MB INT8.\n\n")
+                  f"Size {fmt(t['size_bytes']['fp32'] / 1e6)} MB FP32 -> {fmt(t['size_bytes']['int8'] / 1e6)} MB INT8.")
+        if t.get("depthwise_padded"):
+            md.append(f" Padded to a multiple of 16 channels for onnxruntime's fast depthwise kernel, logits unchanged: "
+                      f"{', '.join(f'`{n}`' for n in t['depthwise_padded'])}.")
+        md.append("\n\n")
         md.append(_side_by_side(data, t))
         if t["search_steps"]:
             md.append("\n### Mixed-precision search\n\n")
