@@ -164,6 +164,31 @@ def test_openvino_target_model_runs_int8_on_openvino_and_tracks_fp32(lite0_onnx,
 
 @pytest.mark.slow
 @needs_openvino
+def test_calibrating_for_openvino_judges_and_times_the_model_on_openvino(lite0_onnx, val_dir, tmp_path, monkeypatch):
+    import json
+
+    from scarlet_deploy.calib.pipeline import CalibConfig, calibrate
+
+    on_ov: set[str] = set()
+    infer = ovr.OvRunner.infer
+    monkeypatch.setattr(ovr.OvRunner, "infer", lambda self, x: on_ov.add(self.path) or infer(self, x))
+    out = tmp_path / "lite0.int8-ov.onnx"
+    _, res = calibrate(CalibConfig(onnx=lite0_onnx, images=val_dir, output=out, target="ov", num_images=8, num_select=8,
+                                   num_eval=8, compare_methods=False, threads=2, layer_error_images=0, method="minmax",
+                                   bench_rounds=1, report=str(tmp_path / "r")))
+    assert res.manifest["target"] == "ov" and res.manifest["depthwise_padded_to_16_channels"] == []
+    assert res.manifest["quantization"]["accuracy_measured_with"] == "OpenVINO CPU INT8 kernels"
+    assert res.int8.images == 8 and res.int8.agreement is not None
+    assert set(res.throughput) >= {"fp32", "int8"}
+    # every candidate judged on OpenVINO (bias correction variants), the model and FP32 timed there
+    assert len(on_ov) > 2 and str(out) in on_ov and str(lite0_onnx) in on_ov
+    md = (tmp_path / "r.md").read_text()
+    assert "Speed: batch 8 on OpenVINO (every row)" in md and "measured with OpenVINO CPU INT8 kernels" in md
+    assert json.loads((tmp_path / "r.json").read_text())["targets"][0]["target"] == "ov"
+
+
+@pytest.mark.slow
+@needs_openvino
 def test_verify_gates_ort_and_openvino_rows_on_the_same_images(tmp_path, val_dir, lite0_onnx, loaded_model):
     cfg = vcfg.VerifyConfig(LITE0, onnx=[lite0_onnx], backends=["ort", "ov"], val_dir=val_dir, limit=24, workers=0,
                             pipeline_parity=False, progress=False)
