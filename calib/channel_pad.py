@@ -132,6 +132,9 @@ def pad_depthwise_channels(model, align: int = ALIGN) -> list[str]:
         if grp is None:
             continue
         channels = shape(n)[0]
+        if any(shape(nodes[c])[0] != channels for c in grp.writers | grp.depthwise) or \
+                any(shape(nodes[c])[1] != channels for c in grp.readers):
+            continue  # a broadcast operand of other width joined the group: not a plain channel run
         extra = -channels % align
         params = [weight(nodes[c]) for c in grp.writers | grp.depthwise | grp.readers]
         params += [producers[nodes[c].input[2]].input for c in grp.writers | grp.depthwise
