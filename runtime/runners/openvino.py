@@ -5,8 +5,9 @@ Three backend names, one runner:
   bf16 by itself on CPUs with AVX512_BF16 or AMX, which would make `ov` a silent bf16 backend.
 - `ov-bf16`: float ops in bf16, only where the CPU has BF16 instructions (`bf16_unsupported`);
   without them a bf16 row would measure an emulation or plain f32.
-- `ov-int8`: our Q/DQ ONNX read as it is (OpenVINO turns Q/DQ pairs into its own INT8 kernels);
-  what stays float runs in f32, so its parity measures the quantisation and nothing else.
+- `ov-int8`: a Q/DQ ONNX read as it is (OpenVINO turns Q/DQ pairs into its own INT8 kernels);
+  what stays float runs in f32, so its parity measures the quantisation and nothing else. Bench
+  runs the model `scarlet calibrate --target ov` writes, whose Q/DQ pairs sit where OpenVINO fuses.
 
 Settings, as a user who calls `infer` on one batch at a time wants them: PERFORMANCE_HINT LATENCY
 (one stream, every thread on the one request; THROUGHPUT would split the threads into streams
