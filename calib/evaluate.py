@@ -48,7 +48,14 @@ def logits(onnx_path: str | os.PathLike, images: np.ndarray, batch: int = 16, th
             if runtime == "ov" and len(x) < batch:
                 x = np.concatenate([x, np.zeros((batch - len(x), *x.shape[1:]), x.dtype)])
             out.append(r.infer(x)[:len(images[i:i + batch])])
-        return np.concatenate(out)
+    logits = np.concatenate(out)
+    if not np.isfinite(logits).all():  # no decision or report may rank NaN: argmax and KL would still yield numbers
+        from scarlet_deploy.runtime.core.errors import ScarletError
+
+        bad = int((~np.isfinite(logits).all(axis=1)).sum())
+        raise ScarletError(f"{onnx_path} gives NaN or Inf logits on {bad} of {len(logits)} images ({runtime}); "
+                           "a quantised model must not: re-export the float model and calibrate again.")
+    return logits
 
 
 def accuracy(out: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None = None) -> Accuracy:

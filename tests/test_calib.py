@@ -587,3 +587,23 @@ def test_float_layers_stay_only_when_they_beat_the_noise(monkeypatch):
     assert not blip["kept"] and abs(blip["gain"]) <= blip["noise"]
     real = pipeline._float_layers_worth_it(bench, target, Path("full.onnx"), Path("better.onnx"))
     assert real["kept"] and real["gain"] > real["noise"] > 0
+
+
+def test_a_model_with_nan_logits_is_an_error_not_a_ranked_candidate(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from scarlet_deploy.calib import evaluate
+
+    # log(-|x|) is NaN for every non-zero input: argmax and the KL divergence would still hand back numbers
+    nodes = [helper.make_node("Abs", ["input"], ["a"]), helper.make_node("Neg", ["a"], ["n"]),
+             helper.make_node("Log", ["n"], ["l"]), helper.make_node("GlobalAveragePool", ["l"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["logits"])]
+    graph = helper.make_graph(nodes, "nan", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "nan.onnx")
+    x = np.ones((4, 3, 8, 8), np.float32)
+    with pytest.raises(ScarletError, match="gives NaN or Inf logits on 4 of 4 images"):
+        evaluate.logits(tmp_path / "nan.onnx", x, threads=1)
