@@ -12,8 +12,8 @@ new channels, the depthwise convolutions zero filters, and the layers that read 
 weights on those inputs, so nothing in them reaches a real channel; the ops in between (HardSwish's
 Add/Mul, the squeeze-excite gate, Q/DQ pairs) never mix channels. The logits are bit-identical,
 run as float Q/DQ and on onnxruntime's integer kernels alike (seeded SCARLET-A, 8 images), and
-the two padded blocks took 5.1 -> 3.8 ms of a 38 ms batch of 8 (`scarlet profile`-style per-node
-times, 2 threads, AVX-512 VNNI).
+mb_module.3's 7x7 went from ~1.3 to 0.68 ms per batch of 8 (`scarlet profile --nodes`, 2 threads,
+AVX-512 VNNI).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Where onnxruntime spends its time, per operator type of the graph it actually runs.
+"""Where onnxruntime spends its time, per operator type (and slowest nodes) of the graph it actually runs.
 
 onnxruntime's own profiler times every kernel; this groups those times by operator type
 after onnxruntime's fusions and layout changes (QLinearConv, ReorderOutput, ...), so that a
@@ -28,9 +28,17 @@ class OpTime:
     ms_per_run: float
 
 
-def profile(onnx_path: str | os.PathLike, batch: int = 8, runs: int = 10, warmup: int = 2,
-            options: OrtOptions = OrtOptions()) -> list[OpTime]:
-    """Kernel time per operator type over `runs` runs after `warmup` runs, largest first."""
+@dataclass(frozen=True)
+class NodeTime:
+    node: str
+    op_type: str
+    share_pct: float
+    ms_per_run: float
+
+
+def kernel_times(onnx_path: str | os.PathLike, batch: int = 8, runs: int = 10, warmup: int = 2,
+                 options: OrtOptions = OrtOptions()) -> dict[tuple[str, str], float]:
+    """(node, operator type) -> kernel microseconds summed over `runs` runs after `warmup` runs."""
     from scarlet_deploy.runtime.bench.plan import bench_input, onnx_image_size
 
     if batch < 1 or runs < 1:
@@ -46,24 +54,48 @@ def profile(onnx_path: str | os.PathLike, batch: int = 8, runs: int = 10, warmup
             events = json.load(f)
     starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
     first = starts[warmup] if len(starts) > warmup else 0
-    total: dict[str, float] = {}
-    nodes: dict[str, set[str]] = {}
+    out: dict[tuple[str, str], float] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
-            op = e["args"]["op_name"]
-            total[op] = total.get(op, 0.0) + e["dur"]
-            nodes.setdefault(op, set()).add(e["name"])
+            key = (e["name"].removesuffix("_kernel_time"), e["args"]["op_name"])
+            out[key] = out.get(key, 0.0) + e["dur"]
+    return out
+
+
+def by_operator(times: dict[tuple[str, str], float], runs: int) -> list[OpTime]:
+    total: dict[str, float] = {}
+    nodes: dict[str, int] = {}
+    for (_, op), us in times.items():
+        total[op] = total.get(op, 0.0) + us
+        nodes[op] = nodes.get(op, 0) + 1
     all_us = sum(total.values()) or 1.0
-    return sorted((OpTime(op, len(nodes[op]), 100.0 * us / all_us, us / 1e3 / runs) for op, us in total.items()),
+    return sorted((OpTime(op, nodes[op], 100.0 * us / all_us, us / 1e3 / runs) for op, us in total.items()),
                   key=lambda o: -o.share_pct)
 
 
-def markdown(path: str, batch: int, ops: list[OpTime]) -> str:
+def slowest_nodes(times: dict[tuple[str, str], float], runs: int, n: int) -> list[NodeTime]:
+    all_us = sum(times.values()) or 1.0
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])[:n]
+    return [NodeTime(node, op, 100.0 * us / all_us, us / 1e3 / runs) for (node, op), us in ranked]
+
+
+def profile(onnx_path: str | os.PathLike, batch: int = 8, runs: int = 10, warmup: int = 2,
+            options: OrtOptions = OrtOptions()) -> list[OpTime]:
+    """Kernel time per operator type, largest first."""
+    return by_operator(kernel_times(onnx_path, batch, runs, warmup, options), runs)
+
+
+def markdown(path: str, batch: int, ops: list[OpTime], nodes: list[NodeTime] = ()) -> str:
     from scarlet_deploy.runtime.core.report import markdown_table
 
-    return (f"onnxruntime kernel time by operator type: `{path}`, batch {batch}\n\n"
-            + markdown_table(["operator", "nodes", "share %", "ms per run"],
-                             [[o.op_type, o.nodes, f"{o.share_pct:.1f}", f"{o.ms_per_run:.2f}"] for o in ops]))
+    md = (f"onnxruntime kernel time by operator type: `{path}`, batch {batch}\n\n"
+          + markdown_table(["operator", "nodes", "share %", "ms per run"],
+                           [[o.op_type, o.nodes, f"{o.share_pct:.1f}", f"{o.ms_per_run:.2f}"] for o in ops]))
+    if nodes:
+        md += (f"\nThe {len(nodes)} slowest nodes (onnxruntime's names after its fusions):\n\n"
+               + markdown_table(["node", "operator", "share %", "ms per run"],
+                                [[n.node, n.op_type, f"{n.share_pct:.1f}", f"{n.ms_per_run:.3f}"] for n in nodes]))
+    return md
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=cli_types.positive_int, default=8)
     p.add_argument("--runs", type=cli_types.positive_int, default=10)
     p.add_argument("--threads", type=cli_types.positive_int, help="onnxruntime threads (default: physical cores)")
+    p.add_argument("--nodes", type=cli_types.nonneg_int, default=0, help="also list this many slowest nodes")
     p.add_argument("--json", help="also write the table as JSON here")
     p.set_defaults(func=run)
 
@@ -81,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output(args.json, [("--onnx", args.onnx)], "--json")
-    ops = profile(args.onnx, args.batch, args.runs, options=OrtOptions(threads=args.threads))
-    print(markdown(args.onnx, args.batch, ops), end="")
+    times = kernel_times(args.onnx, args.batch, args.runs, options=OrtOptions(threads=args.threads))
+    ops, nodes = by_operator(times, args.runs), slowest_nodes(times, args.runs, args.nodes)
+    print(markdown(args.onnx, args.batch, ops, nodes), end="")
     if args.json:
         write_json_atomic(args.json, {"onnx": args.onnx, "batch": args.batch, "runs": args.runs,
-                                      "ops": [asdict(o) for o in ops]})
+                                      "ops": [asdict(o) for o in ops], "nodes": [asdict(n) for n in nodes]})
     return 0

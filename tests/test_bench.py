@@ -483,8 +483,14 @@ def test_profile_groups_kernel_time_by_operator_type(tiny_build, tmp_path, capsy
     assert {o.op_type for o in ops} >= {"Gemm"} and all(o.nodes >= 1 and o.ms_per_run >= 0 for o in ops)
     out = tmp_path / "p.json"
     assert cli.main(["profile", "--onnx", str(tiny_build / "scarlet_a.onnx"), "--batch", "2", "--runs", "2",
-                     "--json", str(out)]) == 0
-    assert "| operator | nodes | share % | ms per run |" in capsys.readouterr().out
-    assert json.loads(out.read_text())["ops"]
+                     "--nodes", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| operator | nodes | share % | ms per run |" in text and "The 2 slowest nodes" in text
+    report = json.loads(out.read_text())
+    assert report["ops"] and len(report["nodes"]) == 2
+    assert report["nodes"][0]["ms_per_run"] >= report["nodes"][1]["ms_per_run"]
+    # the node table is the operator table's detail: each node's op is there, shares never exceed its op's
+    shares = {o["op_type"]: o["share_pct"] for o in report["ops"]}
+    assert all(n["share_pct"] <= shares[n["op_type"]] + 1e-9 for n in report["nodes"])
     assert cli.main(["profile", "--onnx", str(tmp_path / "missing.onnx")]) == 2
     assert "scarlet export" in capsys.readouterr().err
