@@ -18,6 +18,7 @@ AVX-512 VNNI).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -32,9 +33,10 @@ PER_CHANNEL_OPS = ("QuantizeLinear", "DequantizeLinear", "Add", "Mul", "Clip", "
 @dataclass
 class _Group:
     tensors: set[str] = field(default_factory=set)
-    writers: set[str] = field(default_factory=set)  # convolutions whose output channels grow
-    readers: set[str] = field(default_factory=set)  # convolutions whose input channels grow
-    depthwise: set[str] = field(default_factory=set)
+    # convolutions, id() -> node: node names need not be unique or present in an ONNX a user brings
+    writers: dict[int, Any] = field(default_factory=dict)  # convolutions whose output channels grow
+    readers: dict[int, Any] = field(default_factory=dict)  # convolutions whose input channels grow
+    depthwise: dict[int, Any] = field(default_factory=dict)
 
 
 def _is_depthwise(node, weight_shape: tuple[int, ...] | None) -> bool:
@@ -75,15 +77,15 @@ def pad_depthwise_channels(model, align: int = ALIGN) -> list[str]:
         return [i for i in ins if i and not constant(i)]
 
     def group_of(start) -> _Group | None:
-        grp, todo = _Group(depthwise={start.name}), [start.input[0], start.output[0]]
+        grp, todo = _Group(depthwise={id(start): start}), [start.input[0], start.output[0]]
 
         def meet_conv(conv, writes_group: bool) -> bool:
             """A Conv at the group's edge: a depthwise one joins and carries the group through."""
             if _is_depthwise(conv, shape(conv)):
-                grp.depthwise.add(conv.name)
+                grp.depthwise[id(conv)] = conv
                 todo.append(conv.input[0] if writes_group else conv.output[0])
             elif weight(conv) is not None:
-                (grp.writers if writes_group else grp.readers).add(conv.name)
+                (grp.writers if writes_group else grp.readers)[id(conv)] = conv
             else:
                 return False
             return True
@@ -122,28 +124,26 @@ def pad_depthwise_channels(model, align: int = ALIGN) -> list[str]:
         widths[axis] = (0, extra)
         t.CopyFrom(numpy_helper.from_array(np.pad(a, widths, constant_values=np.array(value, a.dtype)), name))
 
-    nodes = {n.name: n for n in g.node}
     padded: list[str] = []
-    done: set[str] = set()
+    done: set[int] = set()
     for n in list(g.node):
-        if n.op_type != "Conv" or n.name in done or not _is_depthwise(n, shape(n)) or shape(n)[0] % align == 0:
+        if n.op_type != "Conv" or id(n) in done or not _is_depthwise(n, shape(n)) or shape(n)[0] % align == 0:
             continue
         grp = group_of(n)
         if grp is None:
             continue
         channels = shape(n)[0]
-        if any(shape(nodes[c])[0] != channels for c in grp.writers | grp.depthwise) or \
-                any(shape(nodes[c])[1] != channels for c in grp.readers):
+        writing = [*grp.writers.values(), *grp.depthwise.values()]  # their output channels grow
+        readers = list(grp.readers.values())
+        if any(shape(c)[0] != channels for c in writing) or any(shape(c)[1] != channels for c in readers):
             continue  # a broadcast operand of other width joined the group: not a plain channel run
         extra = -channels % align
-        params = [weight(nodes[c]) for c in grp.writers | grp.depthwise | grp.readers]
-        params += [producers[nodes[c].input[2]].input for c in grp.writers | grp.depthwise
-                   if len(nodes[c].input) > 2 and nodes[c].input[2] in producers]
+        params = [weight(c) for c in writing + readers]
+        params += [producers[c.input[2]].input for c in writing if len(c.input) > 2 and c.input[2] in producers]
         used = [i for p in params for i in p]
         if len(used) != len(set(used)):  # shared initializers would be padded twice
             continue
-        for c in grp.writers | grp.depthwise:  # output channels: weights, scales, zero points, bias
-            conv = nodes[c]
+        for conv in writing:  # output channels: weights, scales, zero points, bias
             w, scale, zp = weight(conv)
             w_scale = numpy_helper.to_array(inits[scale]).reshape(-1)
             pad(w, 0, extra)
@@ -156,15 +156,14 @@ def pad_depthwise_channels(model, align: int = ALIGN) -> list[str]:
                     # onnxruntime fuses the layer only where bias scale = input scale x weight scale, channel by channel
                     last = float(numpy_helper.to_array(inits[name]).reshape(-1)[-1]) if k == 1 else 0
                     pad(name, 0, extra, last)
-            if c in grp.depthwise:
+            if id(conv) in grp.depthwise:
                 next(a for a in conv.attribute if a.name == "group").i = channels + extra
-        for c in grp.readers:
-            pad(weight(nodes[c])[0], 1, extra)
-        params_out = {nodes[c].input[k] for c in grp.writers | grp.depthwise | grp.readers for k in (1, 2)
-                      if len(nodes[c].input) > k}
+        for conv in readers:
+            pad(weight(conv)[0], 1, extra)
+        params_out = {c.input[k] for c in writing + readers for k in (1, 2) if len(c.input) > k}
         stale = [v for v in g.value_info if v.name in grp.tensors | params_out]  # shapes that said `channels`
         for v in stale:
             g.value_info.remove(v)
-        done |= grp.depthwise
-        padded += sorted(grp.depthwise)
+        done |= set(grp.depthwise)
+        padded += sorted(c.name for c in grp.depthwise.values())
     return padded

@@ -98,6 +98,11 @@ def test_padding_24_channels_to_32_leaves_the_qdq_arithmetic_bit_identical(se_qd
     assert np.isfinite(on_kernels).all() and np.array_equal(on_kernels, _logits(src, x, "all"))
     # ... every layer on them: onnxruntime fuses a Q/DQ Conv only where its bias scale = input x weight scale
     assert _fused_ops(out, tmp_path) == _fused_ops(src, tmp_path) and "Conv" not in _fused_ops(out, tmp_path)
+    nameless = onnx.load(src)  # node names are optional in ONNX: the groups must not lean on them
+    for node in nameless.graph.node:
+        node.name = ""
+    assert pad_depthwise_channels(nameless) == [""]
+    assert [i.dims for i in nameless.graph.initializer] == [i.dims for i in model.graph.initializer]
 
 
 def test_channels_that_leave_through_anything_but_a_convolution_are_not_padded(se_qdq):
