@@ -22,6 +22,17 @@ class Accuracy:
         return asdict(self)
 
 
+def _runner(onnx_path: str | os.PathLike, runtime: str, threads: int | None):
+    """The Runner for `runtime` (see logits)."""
+    if runtime == "ov":
+        from scarlet_deploy.runtime.runners.openvino import OvOptions, OvRunner
+
+        return OvRunner(onnx_path, options=OvOptions(threads=threads))
+    from scarlet_deploy.runtime.runners.ort import OrtOptions, OrtRunner
+
+    return OrtRunner(onnx_path, options=OrtOptions(threads=threads, opt_level="disable" if runtime == "fake-quant" else "all"))
+
+
 def logits(onnx_path: str | os.PathLike, images: np.ndarray, batch: int = 16, threads: int | None = None,
            runtime: str = "ort") -> np.ndarray:
     """Logits of the model on `runtime` (a key of qdq.EVALUATED_WITH): "ort", onnxruntime with its graph
@@ -29,19 +40,9 @@ def logits(onnx_path: str | os.PathLike, images: np.ndarray, batch: int = 16, th
     so Q/DQ pairs run as float quantise-dequantise around float kernels (the arithmetic an
     explicit-quantization engine such as TensorRT emulates); "ov", OpenVINO's CPU plugin (its INT8
     kernels, float ops in f32)."""
-    from scarlet_deploy.runtime.runners.base import Runner
-
-    runner: Runner
     if runtime == "ov":
-        from scarlet_deploy.runtime.runners.openvino import OvOptions, OvRunner
-
-        runner = OvRunner(onnx_path, options=OvOptions(threads=threads))
         batch = min(batch, len(images)) or 1  # OpenVINO compiles per batch size: one size, the rest padded
-    else:
-        from scarlet_deploy.runtime.runners.ort import OrtOptions, OrtRunner
-
-        runner = OrtRunner(onnx_path, options=OrtOptions(threads=threads, opt_level="disable" if runtime == "fake-quant" else "all"))
-    with runner as r:
+    with _runner(onnx_path, runtime, threads) as r:
         out = []
         for i in range(0, len(images), batch):
             x = images[i:i + batch]
@@ -90,12 +91,9 @@ def side_by_side_throughput(paths: dict[str, str | os.PathLike], batch: int = 8,
     the bench's own loop (rounds rotate the order, so load from other users of a shared machine hits
     every model alike); median call time."""
     from scarlet_deploy.runtime.measure import measure_interleaved, wall_timer
-    from scarlet_deploy.runtime.runners.openvino import OvOptions, OvRunner
-    from scarlet_deploy.runtime.runners.ort import OrtOptions, OrtRunner
 
     x = np.random.default_rng(seed).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-    runners = {k: (OvRunner(p, options=OvOptions(threads=threads)) if runtime == "ov"
-                   else OrtRunner(p, options=OrtOptions(threads=threads))).load() for k, p in paths.items()}
+    runners = {k: _runner(p, runtime, threads).load() for k, p in paths.items()}
     try:
         times = measure_interleaved({k: wall_timer(r, x) for k, r in runners.items()}, repeats=rounds,
                                     seconds=0.0, warmup_s=0.0, min_calls=3)
