@@ -18,7 +18,7 @@ ckpt_arg  = $(if $(CKPT),--checkpoint $(CKPT))
 val_arg   = $(if $(VAL_DIR),--val-dir $(VAL_DIR))
 limit_arg = $(if $(LIMIT),--limit $(LIMIT))
 
-.PHONY: setup export verify calib engine bench gpu-check doctor serve serve-load test test-fast clean
+.PHONY: setup deploy check export verify calib engine bench gpu-check doctor serve serve-load test test-fast clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,18 @@ $(STAMP): pyproject.toml constraints.txt
 # Triton's server binary; --no-deps because the package caps numpy below 2 for an API we do not use.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt nvidia-pytriton
 	touch $(STAMP)
+
+## make deploy [MODEL=...] [CKPT=...] [LET=1] [DEPLOY_ARGS="--objective latency --backends ort,ort-int8 ..."]:
+## the fastest artifact that passes its gates against PyTorch on this machine, as a self-checking package in deploy/<model>
+DEPLOY_ARGS ?=
+deploy: setup
+	$(SCARLET) deploy --model $(MODEL) $(if $(LET),--let) $(ckpt_arg) $(if $(VAL_DIR),--images $(VAL_DIR)) \
+	  --work-dir $(BUILD)/deploy --report $(REPORTS)/deploy-$(MODEL)$(if $(LET),-let) $(DEPLOY_ARGS)
+
+## make check [MODEL=...] [SERVER=http://127.0.0.1:8000]: re-check deploy/<model> (files, golden images, drift)
+SERVER ?=
+check: setup
+	$(SCARLET) check deploy/$(MODEL)$(if $(LET),-let) $(if $(SERVER),--server $(SERVER))
 
 ## make export [MODELS="scarlet_a ..."] [CKPT=path]: ONNX + manifest per model into build/
 export: setup
@@ -91,4 +103,4 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 clean:
-	rm -rf $(BUILD) $(REPORTS)
+	rm -rf $(BUILD) $(REPORTS) deploy

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "scarlet_deploy.runtime.doctor",
     "scarlet_deploy.runtime.gpu_check",
     "scarlet_deploy.runtime.serve.cli",
+    "scarlet_deploy.runtime.deploy.cli",
 )
 
 

@@ -22,7 +22,7 @@ LAYERS = (
     ("calibration", ("calib",)),
     ("workflows", ("runtime",)),
     ("CLI", ("runtime.cli", "export.cli", "calib.cli", "runtime.tensorrt_cli", "runtime.verify.cli",
-             "runtime.bench.cli", "runtime.serve.cli")),
+             "runtime.bench.cli", "runtime.serve.cli", "runtime.deploy.cli")),
 )
 
 

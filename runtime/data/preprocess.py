@@ -53,20 +53,34 @@ def _normalise(rgb_hwc_uint8: np.ndarray, p: Preprocess) -> np.ndarray:
 
 def reference(path: str | os.PathLike, p: Preprocess) -> np.ndarray:
     """(3, crop, crop) float32 through PIL, as the SCARLET-NAS evaluation does."""
+    return reference_pixels(decode_rgb(path), p)
+
+
+def decode_rgb(path: str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB as PIL decodes the file: what `reference` starts from, and what a deploy
+    package's golden images hold (decoders differ between libjpeg builds; resizing does not)."""
     from PIL import Image
 
     data = read_image_bytes(path)  # regular files only, pixel cap: the same limits as `deploy`
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")  # greyscale, CMYK, palette -> RGB
-            w, h = _resized_size(*im.size, p.resize)
-            im = im.resize((w, h), Image.BILINEAR)
-            left, top = _crop_box(w, h, p.crop)
-            im = im.crop((left, top, left + p.crop, top + p.crop))
-            arr = np.asarray(im, dtype=np.uint8)
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)  # greyscale, CMYK, palette -> RGB
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"{path}: not a readable image ({e})") from e
-    return _normalise(arr, p)
+
+
+def reference_pixels(rgb: np.ndarray, p: Preprocess) -> np.ndarray:
+    """`reference` from decoded (H, W, 3) uint8 RGB pixels: resize, centre crop, normalise."""
+    from PIL import Image
+
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise UnreadableImage(f"decoded image of shape {rgb.shape} and type {rgb.dtype}: expected (H, W, 3) uint8 RGB")
+    im = Image.fromarray(rgb, "RGB")
+    w, h = _resized_size(*im.size, p.resize)
+    im = im.resize((w, h), Image.BILINEAR)
+    left, top = _crop_box(w, h, p.crop)
+    im = im.crop((left, top, left + p.crop, top + p.crop))
+    return _normalise(np.asarray(im, dtype=np.uint8), p)
 
 
 def deploy(path: str | os.PathLike, p: Preprocess) -> np.ndarray:

@@ -45,7 +45,29 @@ def _batching(args: argparse.Namespace) -> Batching:
     return Batching(args.max_batch, args.max_queue_delay_us, args.instances)
 
 
+def _package_args(args: argparse.Namespace) -> None:
+    """`--package P`: the artifact, backend and model name a deploy package records, after its integrity check."""
+    if not getattr(args, "package", None):
+        if not args.onnx:
+            raise ScarletError("pass --onnx MODEL.onnx (or --package DIR for a `scarlet deploy` package).")
+        return
+    from scarlet_deploy.runtime.deploy.check import integrity, read_deploy
+
+    if args.onnx or args.engine:
+        raise ScarletError("--package serves the package's own artifact; drop --onnx/--engine.")
+    root = Path(args.package)
+    problems = integrity(root)
+    if problems:
+        raise ScarletError(f"package {root} is not what `scarlet deploy` wrote: {'; '.join(problems)}. "
+                           "Copy it again or make it again with `scarlet deploy`.")
+    pkg = read_deploy(root)["package"]
+    args.onnx = str(root / pkg["artifact"])
+    args.backend = pkg["serve_backend"]
+    args.model = args.model or pkg["serve_name"]
+
+
 def _serve_request(args: argparse.Namespace) -> ServeRequest:
+    _package_args(args)
     name = args.model or default_name(args.onnx)
     return ServeRequest(Path(args.onnx), name, Path(args.engine) if args.engine else None,
                         model=args.preprocess_model or (name if name in MODELS else None), backend=args.backend,
@@ -53,15 +75,17 @@ def _serve_request(args: argparse.Namespace) -> ServeRequest:
                         threads=args.threads or max(1, physical_cores() // args.instances), batching=_batching(args))
 
 
-def _artifact_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--onnx", required=True, help="the exported ONNX (names, types and dims are read from it)")
+def _artifact_args(p: argparse.ArgumentParser, onnx_required: bool = True) -> None:
+    p.add_argument("--onnx", required=onnx_required, help="the exported ONNX (names, types and dims are read from it)")
     p.add_argument("--engine", help="a TensorRT plan built from that ONNX by `scarlet engine` (GPU only)")
     p.add_argument("--model", help="Triton model name (default: the manifest's model, else the file name)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model with Triton Inference Server (HTTP/REST and gRPC) until Ctrl-C")
-    _artifact_args(p)
+    _artifact_args(p, onnx_required=False)
+    p.add_argument("--package", help="a `scarlet deploy` package: serve its artifact on its backend, under its model "
+                                     "name (instead of --onnx/--backend)")
     p.add_argument("--preprocess-model", help="registry model whose preprocessing NAME_image applies "
                                               "(default: the ONNX manifest's)")
     p.add_argument("--backend", choices=SERVE_BACKENDS, default="ort",
