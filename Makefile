@@ -66,7 +66,7 @@ engine: setup
 	  $(if $(filter int8,$(PRECISION)),--int8-onnx $(BUILD)/$(MODEL).int8-trt.onnx) \
 	  $(if $(BATCH),--batch $(BATCH)) --timing-cache $(BUILD)/timing.cache -o $(BUILD)/$(MODEL).$(PRECISION).plan
 
-## make bench [BENCH_ARGS="--readme README.md"]: every backend side by side; writes reports/bench.{json,md,png}
+## make bench [BENCH_ARGS="--readme docs/performance.md"]: every backend side by side; writes reports/bench.{json,md,png}
 BENCH_ARGS ?=
 bench: setup
 	$(SCARLET) bench --tune --build-dir $(BUILD) --reports-dir $(REPORTS) --json $(REPORTS)/bench.json \

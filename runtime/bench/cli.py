@@ -14,7 +14,7 @@ from scarlet_deploy.runtime.core.paths import check_output
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="measure every backend side by side; write the README's performance table")
+    p = sub.add_parser("bench", help="measure every backend side by side; write the performance table (docs/performance.md)")
     p.add_argument("--models", type=cli_types.csv_of(str), default=BenchConfig().models)
     p.add_argument("--backends", type=cli_types.csv_of(str), default=list(BACKENDS),
                    help="subset of " + ",".join(BACKENDS) + " (unavailable ones are skipped with a reason)")

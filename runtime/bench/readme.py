@@ -9,7 +9,7 @@ README_BEGIN, README_END = "<!-- scarlet bench: begin -->", "<!-- scarlet bench:
 
 
 def update_readme(path: str | os.PathLike, markdown: str) -> None:
-    """Replace the README's performance section between the markers, nothing else."""
+    """Replace the performance section between the markers (docs/performance.md), nothing else."""
     from scarlet_deploy.runtime.core.artifacts import write_bytes_atomic
 
     text = Path(path).read_text()

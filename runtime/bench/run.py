@@ -1,4 +1,4 @@
-"""`scarlet bench`: every backend measured side by side, in one run, into the README's table.
+"""`scarlet bench`: every backend measured side by side, in one run, into docs/performance.md's table.
 
 How a number is made (also written into every report):
 - Per model and batch size, all backends are loaded, warmed up (excluded), then measured in
