@@ -186,3 +186,17 @@ def test_a_run_interrupted_twice_and_resumed_twice_reports_every_image_once(tmp_
     assert done.run["resumed_images"] == 4
     for key in ("top1_agreement", "top1", "top5", "max_abs_error", "worst_cosine", "images"):
         assert done.backends[0][key] == whole.backends[0][key]
+
+
+def test_rows_with_plus_or_minus_inf_or_nan_are_counted_non_finite():
+    from scarlet_deploy.runtime.verify.compare import backend_rows, compare, reference_rows
+
+    ref = np.random.default_rng(2).standard_normal((4, 10)).astype(np.float32)
+    out = ref.copy()
+    out[0, ref[0].argmax()] = np.inf
+    out[1, ref[1].argmin()] = -np.inf
+    out[2, 3] = np.nan
+    cols = {**reference_rows(ref), **backend_rows("b", ref, out)}
+    assert cols["b.finite"].tolist() == [False, False, False, True]
+    r = compare(cols, "b", np.full(4, -1), [f"{i}.JPEG" for i in range(4)], 0.0, classes=10)
+    assert r["nonfinite_images"] == 3 and np.isfinite(r["max_abs_error"])
