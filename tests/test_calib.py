@@ -116,6 +116,43 @@ def test_ov_target_quantises_layer_inputs_only_so_openvino_fuses_the_activations
     assert consumers["c1"] == ["Relu"], "the activation reads the float conv output"
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert {c for n in dqs for c in consumers[n.output[0]]} <= {"Conv", "Gemm", "MatMul", "Add"}
+    # OpenVINO's INT8 kernels take symmetric per-channel weights: every weight, the classifier's included
+    weights = [by_output[n.input[1]] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(weights) == 3
+    for dq in weights:
+        w, scale, zp = (inits[i] for i in dq.input)
+        assert w.dtype == zp.dtype == np.int8 and not zp.any() and scale.shape == (w.shape[0],), dq.name
+
+
+def test_the_plain_baseline_is_the_u8s8_per_channel_model_the_report_describes(tiny, tmp_path):
+    """The baseline every report compares with must be onnxruntime's best plain setting, read from the model it
+    writes: per-tensor weights would make "ours beats the baseline" mean less than the report says."""
+    import onnx
+
+    from scarlet_deploy.calib import baseline
+
+    path, _ = tiny
+    out = tmp_path / "plain.int8.onnx"
+    x = np.random.default_rng(1).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    baseline.quantize_plain(path, x, out)
+    model = onnx.load(out)
+    inits = _initializers(model)
+    source = _initializers(onnx.load(path))
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    weights = {n.output[0]: n for n in dqs if n.input[0] in inits and inits[n.input[0]].ndim > 1}
+    layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(layers) == 3 and all(n.input[1] in weights for n in layers), "every weighted layer reads INT8 weights"
+    for n in layers:
+        dq = weights[n.input[1]]
+        w, scale, zp = (inits[i] for i in dq.input)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        channels = source[{"conv1": "w1", "conv2": "w2", "fc": "wf"}[n.name]].shape[0]
+        assert w.dtype == np.int8 and not zp.any(), f"{n.name}: symmetric INT8 weights"
+        assert scale.shape == (channels,) and w.shape[axis] == channels, f"{n.name}: one weight scale per output channel"
+        assert len(set(scale.tolist())) > 1
+    acts = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert acts and all(z.dtype == np.uint8 for z in acts), "UINT8 activations"
+    assert "per-channel" in baseline.DESCRIPTION and "U8S8" in baseline.DESCRIPTION
 
 
 def test_ort_target_uses_uint8_activations_and_int8_weights(tiny, tmp_path):
@@ -301,6 +338,68 @@ def test_split_is_seeded_spread_and_disjoint(tmp_path):
     # the same folder passed as --eval-dir still excludes the calibration files
     b = images.split_images(tmp_path, 6, seed=3, eval_dir=tmp_path)
     assert b.eval == a.eval
+
+
+def _imagenet_tree(root: Path, classes: int, per_class: int) -> set[Path]:
+    from scarlet_deploy.runtime.data.classes import wnids
+
+    files = set()
+    for wnid in wnids()[:: 1000 // classes][:classes]:
+        (root / wnid).mkdir(parents=True)
+        for i in range(per_class):
+            f = root / wnid / f"{wnid}_{i}.JPEG"
+            f.write_bytes(b"")
+            files.add(f)
+    return files
+
+
+def _assert_disjoint_and_complete(split: images.ImageSplit, files: set[Path], num_eval: int | None = None) -> None:
+    calib, select, report = set(split.calib), set(split.select), set(split.eval)
+    assert len(calib) == len(split.calib) and len(select) == len(split.select) and len(report) == len(split.eval)
+    assert not calib & select, "a calibration image is also a selection image"
+    assert not calib & report, "a calibration image is also reported on"
+    assert not select & report, "a selection image (a decision was taken on it) is also reported on"
+    assert calib | select | report <= files
+    if num_eval is None:
+        assert calib | select | report == files, "every image not used for a decision is reported on"
+    from scarlet_deploy.runtime.data.classes import wnid_to_index
+
+    assert list(split.eval_labels) == [wnid_to_index()[p.parent.name] for p in split.eval]
+    assert list(split.select_labels) == [wnid_to_index()[p.parent.name] for p in split.select]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_calibration_selection_and_report_sets_are_disjoint_at_realistic_sizes(tmp_path, seed):
+    files = _imagenet_tree(tmp_path, 100, 5)  # the shared sample's size: 500 images
+    split = images.split_images(tmp_path, 128, seed=seed, num_select=100)
+    assert (len(split.calib), len(split.select), len(split.eval)) == (128, 100, 272)
+    _assert_disjoint_and_complete(split, files)
+    capped = images.split_images(tmp_path, 128, seed=seed, num_select=100, num_eval=50)
+    assert capped.calib == split.calib and capped.select == split.select and len(capped.eval) == 50
+    _assert_disjoint_and_complete(capped, files, num_eval=50)
+    # the same folder passed again as --eval-dir (here through a symlink) still keeps the sets apart
+    (tmp_path.parent / f"link{seed}").symlink_to(tmp_path)
+    linked = images.split_images(tmp_path, 128, seed=seed, eval_dir=tmp_path.parent / f"link{seed}", num_select=100)
+    resolved = lambda ps: {p.resolve() for p in ps}  # noqa: E731
+    assert not (resolved(linked.calib) & resolved(linked.select) or resolved(linked.calib) & resolved(linked.eval)
+                or resolved(linked.select) & resolved(linked.eval))
+    assert len(linked.select) == 100 and len(linked.eval) == 272
+
+
+@pytest.mark.parametrize("classes,per_class,calib,select", [(1, 3, 1, 1), (2, 2, 1, 2), (3, 1, 1, 1), (5, 4, 19, 0),
+                                                            (10, 3, 9, 20)])
+def test_small_splits_stay_disjoint_down_to_one_report_image(tmp_path, classes, per_class, calib, select):
+    files = _imagenet_tree(tmp_path, classes, per_class)
+    split = images.split_images(tmp_path, calib, seed=3, num_select=select)
+    assert len(split.calib) == calib and len(split.select) == select
+    assert len(split.eval) == len(files) - calib - select >= 1
+    _assert_disjoint_and_complete(split, files)
+
+
+def test_a_split_that_leaves_no_report_image_is_refused(tmp_path):
+    _imagenet_tree(tmp_path, 4, 5)
+    with pytest.raises(ScarletError, match="too few for"):
+        images.split_images(tmp_path, 10, num_select=10)
 
 
 def test_flat_ilsvrc_images_keep_their_labels_and_any_folder_calibrates(val_dir, tmp_path):

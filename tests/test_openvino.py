@@ -232,3 +232,37 @@ def test_doctor_says_which_ov_backends_run_here_and_why_not(monkeypatch):
     monkeypatch.setattr(ovr, "cpu_isa", lambda: cpu_isa(SKYLAKE_FLAGS))
     row = dict(doctor.rows(doctor.probe()))["openvino"]
     assert "ov: runs here" in row and "ov-int8: runs here" in row and "ov-bf16: this CPU has no native bf16" in row
+
+
+@needs_openvino
+@pytest.mark.parametrize("backend,precision", [("ov", "f32"), ("ov-int8", "f32"), ("calibrate --target ov", "f32"),
+                                               ("ov-bf16", "bf16")])
+def test_each_ov_backend_asks_openvino_for_its_precision_on_any_cpu(monkeypatch, tmp_path, backend, precision):
+    """OpenVINO's CPU plugin picks bf16 by itself on CPUs with native bf16: `ov` must ask for f32 in the settings it
+    compiles with, which no run on a CPU without bf16 can show. Read here from what reaches compile_model."""
+    import openvino as ov
+    import openvino.properties.hint as hints
+
+    from scarlet_deploy.calib import evaluate
+
+    seen = []
+
+    class Core(ov.Core):
+        def compile_model(self, model, device=None, config=None):
+            seen.append((device, dict(config or {})))
+            if config and config.get(hints.inference_precision) == ov.Type.bf16:
+                config = {**config, hints.inference_precision: ov.Type.f32}  # compiles on a CPU without bf16 too
+            return super().compile_model(model, device, config)
+
+    monkeypatch.setattr(ovr, "_core", Core)
+    monkeypatch.setattr(ovr, "cpu_isa", lambda: cpu_isa(ZEN4_FLAGS))  # a CPU where OpenVINO would pick bf16 itself
+    monkeypatch.setattr(Core, "get_property", lambda self, *a: ["FP32", "BF16", "INT8"], raising=False)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_tiny_onnx())
+    runner = evaluate._runner(path, "ov", 1) if backend.startswith("calibrate") else open_runner(backend, path, threads=1)
+    with runner:
+        y = runner.infer(np.ones((2, 3, 8, 8), np.float32))
+    assert y.shape == (2, 10) and np.isfinite(y).all()
+    assert seen and all(device == "CPU" for device, _ in seen)
+    want = {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[precision]
+    assert all(config.get(hints.inference_precision) == want for _, config in seen), seen

@@ -145,3 +145,71 @@ def test_journal_of_another_run_or_without_resume_starts_over(tmp_path):
     again = Journal(tmp_path, {"reference_key": "k"}, resume=False)
     assert not again.chunks and any("--resume" in n for n in again.notes)
     assert not list(Path(again.folder).glob("chunk-*"))
+
+
+def test_journal_files_after_resume_hold_every_image_once_and_no_chunk_is_overwritten(tmp_path):
+    # What a second interruption finds on disk: the chunks of both sessions, none written over another.
+    ident = {"reference_key": "k", "backends": []}
+    first = Journal(tmp_path, ident, resume=False)
+    for part in ([0, 1], [2, 3], [4]):
+        first.append(_rows(part), {"t.wall": 1.0})
+    second = Journal(tmp_path, ident, resume=True)
+    assert second.done_positions() == {0, 1, 2, 3, 4}
+    for part in ([5, 6], [7]):
+        second.append(_rows(part), {"t.wall": 1.0})
+    files = sorted(second.folder.glob("chunk-*.npz"))
+    assert [f.name for f in files] == [f"chunk-{n:06d}.npz" for n in range(1, 6)]
+    on_disk = [int(p) for f in files for p in np.load(f)["pos"]]
+    assert sorted(on_disk) == list(range(8)), "every image in exactly one chunk file"
+    third = Journal(tmp_path, ident, resume=True)
+    assert third.resumed_images == 8 and third.columns()["pos"].tolist() == list(range(8))
+
+
+def _reference_key(monkeypatch, preprocess=None, torch_version: str | None = None, source_edit=None, tmp_path=None):
+    """The key `verify` files PyTorch's logits under, for one small model on two images."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from scarlet_deploy.runtime.data import preprocess as pre
+    from scarlet_deploy.runtime.verify import run as vrun
+
+    with monkeypatch.context() as m:
+        if torch_version:
+            m.setattr(torch, "__version__", torch_version)
+        if source_edit:  # the preprocessing code as another checkout would have it
+            edited = tmp_path / "preprocess.py"
+            edited.write_text(source_edit(Path(pre.__file__).read_text()))
+            m.setattr(pre, "__file__", str(edited))
+        loaded = SimpleNamespace(name="scarlet_a", let=False, pretrained=True, checkpoint_sha256="a" * 64,
+                                 model=torch.nn.Linear(2, 2))
+        ds = SimpleNamespace(items=[SimpleNamespace(path=Path(f)) for f in (vrun.__file__, torch.__file__)])
+        return vrun.reference_key(loaded, 0, preprocess or pre.Preprocess(), ds)
+
+
+def test_the_reference_key_moves_with_torch_and_every_preprocessing_parameter(monkeypatch, tmp_path):
+    from dataclasses import replace
+
+    from scarlet_deploy.runtime.data.preprocess import Preprocess
+
+    p = Preprocess()
+    base = _reference_key(monkeypatch, p)
+    assert _reference_key(monkeypatch, p).digest() == base.digest(), "the same run finds its entry"
+    others = {
+        "torch": _reference_key(monkeypatch, p, torch_version="99.0.0"),
+        "resize": _reference_key(monkeypatch, replace(p, resize=p.resize + 1)),
+        "crop": _reference_key(monkeypatch, replace(p, crop=p.crop - 1)),
+        **{f"mean[{c}]": _reference_key(monkeypatch, replace(p, mean=tuple(v + (i == c) * 1e-3 for i, v in enumerate(p.mean))))
+           for c in range(3)},
+        **{f"std[{c}]": _reference_key(monkeypatch, replace(p, std=tuple(v + (i == c) * 1e-3 for i, v in enumerate(p.std))))
+           for c in range(3)},
+        # what the Preprocess fields do not hold is in the code: interpolation and channel order
+        "interpolation": _reference_key(monkeypatch, p, tmp_path=tmp_path,
+                                        source_edit=lambda s: s.replace("Image.BILINEAR", "Image.NEAREST")),
+        "channel order": _reference_key(monkeypatch, p, tmp_path=tmp_path,
+                                        source_edit=lambda s: s.replace('im.convert("RGB")', 'im.convert("RGB").convert("BGR;24")')),
+    }
+    digests = {name: k.digest() for name, k in others.items()}
+    assert base.digest() not in digests.values(), [n for n, d in digests.items() if d == base.digest()]
+    assert len(set(digests.values())) == len(digests)
+    assert others["torch"].torch == "99.0.0"
