@@ -113,8 +113,8 @@ def _raise_stop(signum, _frame) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    req = _serve_request(args)
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    req = _serve_request(args)
     with tempfile.TemporaryDirectory(prefix="scarlet-serve-") as repo:
         served = write_serving_repository(req, Path(repo), launcher_paths())
         server = TritonServer(Path(repo), ports, host=args.host, log_path=Path(args.log) if args.log else None)
