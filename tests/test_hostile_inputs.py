@@ -64,6 +64,11 @@ def tiny_onnx(path: Path, classes_: int = 1000, size: int = 224, weight: float |
     return path
 
 
+def noise_image(seed: int, shape: tuple[int, int] = (64, 80)) -> np.ndarray:
+    """A varied (non-flat), distinct image: calibrate refuses flat colours and repeats."""
+    return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+
+
 def png_header(path: Path, width: int, height: int) -> Path:
     """A few hundred bytes that declare width x height pixels: what a decompression bomb looks like."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -97,7 +102,7 @@ def files(tmp_path_factory, b_state) -> dict[str, Path]:
     imgs = d / "images"
     for i, wnid in enumerate((TENCH, "n01443537", "n01484850", TOILET_TISSUE)):
         (imgs / wnid).mkdir(parents=True)
-        Image.fromarray(np.full((64, 80, 3), 40 * i, np.uint8)).save(imgs / wnid / f"{wnid}_{i}.png")
+        Image.fromarray(noise_image(i)).save(imgs / wnid / f"{wnid}_{i}.png")
     f["images"] = imgs
     f["huge_png"] = png_header(d / "huge.png", 20000, 20000)
     f["big_png"] = png_header(d / "big.png", 10000, 10000)  # 100 M pixels: above the cap, below PIL's own refusal
@@ -310,6 +315,45 @@ def test_the_cli_refuses_a_binary_cache_before_loading_images(files, tmp_path, c
     assert_refused(rc, err, str(bad), "delete it and calibrate again")
 
 
+@pytest.mark.parametrize("bad", [[-1e30, 1e30], [0.0, 0.0], [3.0, 3.0], [0.0, 2e6]])
+def test_absurd_and_zero_width_ranges_are_refused(cache_file, bad):
+    """+-1e30 quantises a tensor to zeros and a zero width to one value: the model scores 0 % top-1."""
+    path, prov = cache_file
+    data = json.loads(path.read_text())
+    data["ranges"]["x"] = bad
+    path.write_text(json.dumps(data))
+    with pytest.raises(ScarletError, match="invalid ranges") as e:
+        cache_mod.load(path, prov, ["x", "y"])
+    assert str(path) in str(e.value)
+
+
+def _calibrate_argv(onnx: Path, imgs: Path, out: Path, report: Path | None = None) -> list:
+    return ["calibrate", "--onnx", onnx, "--model", "efficientnet_lite0", "--images", imgs, "--num-images", "4",
+            "--num-select", "2", "--method", "minmax", "--no-compare", "--no-baseline", "--bench-rounds", "0",
+            "--threads", "1", "-o", out] + (["--report", report] if report else [])
+
+
+@pytest.mark.parametrize("junk", ["black", "one_colour_each", "near_flat", "duplicates", "report_equals_calib"])
+def test_junk_image_sets_are_refused_before_a_model_is_written(files, tmp_path, capsys, junk):
+    """40 black images once gave a report saying INT8 beats the baseline with 100 % agreement, exit 0."""
+    imgs = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    wnids = [TENCH, "n01443537", "n01484850", TOILET_TISSUE]
+    for i in range(12):
+        d = imgs / wnids[i % 4]
+        d.mkdir(parents=True, exist_ok=True)
+        a = {"black": lambda: np.zeros((64, 80, 3), np.uint8),
+             "one_colour_each": lambda: np.full((64, 80, 3), 20 * i, np.uint8),
+             "near_flat": lambda: (128 + rng.integers(-1, 2, (64, 80, 3))).astype(np.uint8),
+             "duplicates": lambda: noise_image(0),
+             "report_equals_calib": lambda: noise_image(i % 4)}[junk]()
+        Image.fromarray(a).save(d / f"{i}.png")
+    out, report = tmp_path / "q.onnx", tmp_path / "r"
+    rc, err = run_cli(capsys, _calibrate_argv(files["onnx"], imgs, out, report), [files["onnx"]],
+                      [out, manifest_path(out), Path(f"{report}.json"), Path(f"{report}.md")])
+    assert_refused(rc, err, "are distinct images with content", "real, varied photographs")
+
+
 def test_nonfinite_computed_ranges_are_refused():
     with pytest.raises(ScarletError, match="re-export"):
         cache_mod.check_ranges({"x": (math.nan, math.nan)}, None, "the statistics of m.onnx", "re-export it")
@@ -373,7 +417,7 @@ def test_calibrate_skips_unreadable_images_with_a_line(files, tmp_path, capsys):
     imgs = tmp_path / "images"
     for i, wnid in enumerate((TENCH, "n01443537", "n01484850")):
         (imgs / wnid).mkdir(parents=True)
-        Image.fromarray(np.full((64, 80, 3), 60 * i, np.uint8)).save(imgs / wnid / f"{i}.png")
+        Image.fromarray(noise_image(10 + i)).save(imgs / wnid / f"{i}.png")
     bomb = png_header(imgs / TENCH / "bomb.png", 20000, 20000)
     bad = imgs / "n01443537" / "bad.JPEG"
     bad.write_bytes(b"not a jpeg")
