@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except ScarletError as e:
-        print(textwrap.fill(f"error: {e}", width=100), file=sys.stderr)
+        # Paths are never broken at their hyphens or slashes: a wrapped message still names the file exactly.
+        print(textwrap.fill(f"error: {e}", width=100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was left half-written.", file=sys.stderr)

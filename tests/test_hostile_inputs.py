@@ -269,6 +269,85 @@ def test_unusable_output_paths_are_refused_before_the_work(files, tmp_path, caps
                                        "unwritable": "cannot be written"}[where])
 
 
+def _special(tmp_path: Path, kind: str) -> Path:
+    f = tmp_path / f"special-{kind}"
+    if kind == "fifo":
+        os.mkfifo(f)
+    else:
+        try:
+            os.mknod(f, 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+        except PermissionError:
+            pytest.skip("creating a character device needs root")
+    return f
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev"])
+@pytest.mark.parametrize("command", ["profile", "fp16", "verify", "doctor"])
+def test_special_files_as_outputs_are_refused_and_left_alone(files, tmp_path, capsys, kind, command):
+    """Renaming over a device replaced it with a regular file (as root, `profile --json /dev/null`)."""
+    target = _special(tmp_path, kind)
+    argv = {"profile": ["profile", "--onnx", files["onnx"], "--batch", "1", "--runs", "1", "--json", target],
+            "fp16": ["fp16", "--onnx", files["onnx"], "-o", target],
+            "verify": ["verify", "--model", "efficientnet_lite0", "--onnx", files["onnx"], "--json", target],
+            "doctor": ["doctor", "--json", target]}[command]
+    before = os.stat(target)
+    rc, err = run_cli(capsys, argv, [files["onnx"]], [Path(f"{target}.json")])
+    assert_refused(rc, err, str(target), "not a regular file", "Pass the path of a regular file")
+    after = os.stat(target)
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (before.st_ino, before.st_mode, before.st_rdev)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_a_report_to_dev_stdout_is_written_through_not_renamed_over(files, tmp_path):
+    """A subprocess with stdout redirected to a file: /dev/stdout is then that file, and stays /dev/stdout."""
+    log = tmp_path / "out.txt"
+    with open(log, "wb") as out:
+        proc = subprocess.run([sys.executable, "-m", "scarlet_deploy.runtime.cli", "profile", "--onnx", str(files["onnx"]),
+                               "--batch", "1", "--runs", "1", "--json", "/dev/stdout"], stdout=out, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    text = log.read_text()
+    assert "| " in text.split("{", 1)[0]  # the printed table first, then the JSON appended after it
+    assert json.loads("{" + text.split("{", 1)[1])["batch"] == 1
+    assert os.path.islink("/dev/stdout") and not list(Path("/dev").glob(".stdout*"))
+
+
+def test_dev_null_stays_a_device(files, capsys):
+    rc, _ = run_cli(capsys, ["profile", "--onnx", files["onnx"], "--batch", "1", "--runs", "1", "--json", "/dev/null"])
+    assert rc == 0 and Path("/dev/null").is_char_device() and not Path("/dev/null.json").exists()
+    assert not list(Path("/dev").glob(".null*"))
+
+
+def test_two_outputs_of_one_command_may_not_be_one_file(files, tmp_path, capsys):
+    out = tmp_path / "r.txt"
+    rc, err = run_cli(capsys, ["verify", "--model", "efficientnet_lite0", "--onnx", files["onnx"], "--json", out,
+                               "--markdown", out], [files["onnx"]], [out])
+    assert_refused(rc, err, f"--json and --markdown are both {out}", "Pass a different path to each")
+    link = tmp_path / "link.md"
+    link.symlink_to(tmp_path / "real.md")
+    rc, err = run_cli(capsys, ["calibrate", "--onnx", files["onnx"], "--model", "efficientnet_lite0", "--images",
+                               files["images"], "--num-images", "2", "-o", tmp_path / "q.onnx", "--cache", tmp_path / "real.md",
+                               "--report", tmp_path / "link"], [files["onnx"]], [tmp_path / "q.onnx"])
+    assert_refused(rc, err, "are both", "Pass a different path to each")
+
+
+def test_an_output_inside_the_reference_cache_is_refused(files, tmp_path, capsys):
+    meta = tmp_path / "cache" / "reference" / "efficientnet_lite0-abc" / "meta.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text('{"keep": "me"}')
+    rc, err = run_cli(capsys, ["verify", "--model", "efficientnet_lite0", "--onnx", files["onnx"], "--cache-dir",
+                               tmp_path / "cache", "--json", meta], [files["onnx"], meta])
+    assert_refused(rc, err, str(meta), "lies inside the reference cache")
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", "/abs", "", "-dash", "x" * 200])
+def test_triton_model_names_must_be_plain_names(files, tmp_path, capsys, name):
+    out = tmp_path / "repo"
+    rc, err = run_cli(capsys, ["triton", "--onnx", files["onnx"], f"--model={name}", "-o", out], [files["onnx"]], [out])
+    assert_refused(rc, err, "is not a plain name", "pass --model NAME")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- 3. calibration caches are validated
 
 @pytest.fixture()
