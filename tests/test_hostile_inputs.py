@@ -635,3 +635,77 @@ def test_preprocessing_of_a_synthetic_image_is_exact(tmp_path, model, pipeline):
     crop = rgb[16:240, 16:240].astype(np.float64) / 255.0
     want = ((crop - np.array(mean)) / np.array(std)).transpose(2, 0, 1)
     np.testing.assert_allclose(x, want, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- memory bounds, OS errors, SIGTERM
+
+def test_predict_streams_many_images_in_bounded_batches(files, tmp_path, monkeypatch):
+    """1000 image arguments once went through as one batch (10 GB RSS); now at most 32 at a time."""
+    from scarlet_deploy.runtime.predict import predict
+    from scarlet_deploy.runtime.runners.ort import OrtRunner
+
+    img = tmp_path / "a.png"
+    Image.fromarray(noise_image(3)).save(img)
+    seen: list[int] = []
+    infer = OrtRunner.infer
+
+    def spy(self, x):
+        seen.append(len(x))
+        return infer(self, x)
+
+    monkeypatch.setattr(OrtRunner, "infer", spy)
+    preds, skipped = predict(files["onnx"], [str(img)] * 70 + [str(files["fifo"])], "efficientnet_lite0")
+    assert len(preds) == 70 and len(skipped) == 1 and max(seen) <= 32 and sum(seen) == 70
+    assert len({tuple(p.top) for p in preds}) == 1  # every batch gives the same answer for the same image
+
+
+def test_os_errors_are_one_paragraph(files, tmp_path, capsys, monkeypatch):
+    """ENAMETOOLONG for real; ENOSPC, EROFS and MemoryError raised where the write or the allocation happens."""
+    import errno
+
+    long_name = tmp_path / ("x" * 300 + ".json")
+    argv = ["profile", "--onnx", files["onnx"], "--batch", "1", "--runs", "1", "--json"]
+    rc, err = run_cli(capsys, argv + [long_name], [files["onnx"]])
+    assert_refused(rc, err, "File name too long", "pass a shorter one")
+    from scarlet_deploy.runtime.core import artifacts
+
+    for code, needle in ((errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only")):
+        def fail(*_a, code=code):
+            raise OSError(code, os.strerror(code), str(tmp_path / "p.json"))
+
+        monkeypatch.setattr(artifacts.os, "replace", fail)
+        rc, err = run_cli(capsys, argv + [tmp_path / "p.json"], [files["onnx"]], [tmp_path / "p.json"])
+        assert_refused(rc, err, needle, str(tmp_path / "p.json"))
+        monkeypatch.undo()
+        assert not list(tmp_path.glob(".p.json*")), "the temporary was left"
+    from scarlet_deploy.runtime import profile
+
+    def no_memory(*_a, **_k):
+        raise MemoryError("Unable to allocate 56.1 GiB for an array with shape (100000, 3, 224, 224)")
+
+    monkeypatch.setattr(profile, "kernel_times", no_memory)
+    rc, err = run_cli(capsys, argv[:-1] + ["--json", tmp_path / "m.json"], [files["onnx"]], [tmp_path / "m.json"])
+    assert_refused(rc, err, "not enough memory", "lower --batch")
+
+
+@pytest.mark.slow
+def test_sigterm_is_an_interruption_with_no_leftovers(files, val_dir, tmp_path):
+    """SIGTERM during a long command: exit 130 as for Ctrl-C, no traceback, no temporary folder left."""
+    import signal
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "q.onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "scarlet_deploy.runtime.cli", "calibrate", "--onnx", str(files["onnx"]),
+                             "--model", "efficientnet_lite0", "--images", str(val_dir), "--num-images", "400",
+                             "--num-select", "50", "--threads", "1", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    deadline = time.monotonic() + 60
+    while not list(tmp.glob("scarlet-calib-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert not list(tmp.glob("scarlet-*")) and not out.exists() and not manifest_path(out).exists()
