@@ -47,6 +47,8 @@ _OS_HINTS = {
     errno.EPERM: "the operation is not permitted; pass paths you can read (inputs) and write (outputs)",
     errno.ENAMETOOLONG: "a file name is over 255 bytes or a path over 4096; pass a shorter one",
     errno.EMFILE: "too many open files; raise `ulimit -n` or use fewer --workers",
+    errno.EEXIST: "a file is where a folder is needed (-o of `scarlet triton` names a folder); pass another path",
+    errno.ENOTDIR: "a file is where a folder is needed; pass a path whose parents are folders",
     errno.ENOMEM: "the system is out of memory; lower --batch (or --workers) and retry",
 }
 
