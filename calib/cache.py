@@ -72,21 +72,27 @@ def load(path: str | os.PathLike, want: Provenance, tensors: Iterable[str] | Non
                         f"calibration cache {path}", "delete it (or pass another --cache path) and calibrate again")
 
 
+# No activation of a trained ImageNet classifier comes near this (batch-normalised layers keep them in the tens
+# or hundreds); a range reaching it makes the INT8 step so coarse that the tensor quantises to zeros.
+MAX_ABS_RANGE = 1e6
+
+
 def check_ranges(ranges: Any, tensors: Iterable[str] | None, where: str, fix: str) -> dict[str, tuple[float, float]]:
-    """{tensor: (lo, hi)} with every bound finite and lo <= hi, and (given `tensors`) a range for each of
-    them; else a ScarletError naming `where` and saying `fix`. An inverted or NaN range quantises a
-    tensor to garbage and the model to 0 % top-1 without any error."""
+    """{tensor: (lo, hi)} with every bound finite, lo < hi and |bound| < MAX_ABS_RANGE, and (given `tensors`) a
+    range for each of them; else a ScarletError naming `where` and saying `fix`. An inverted, NaN, zero-width or
+    absurdly wide range quantises a tensor to garbage (one value, or zeros) and the model to 0 % top-1 without
+    any error."""
     if not isinstance(ranges, dict):
         raise ScarletError(f"{where} has no 'ranges' table ({{tensor: [lo, hi]}}); {fix}.")
     out, bad = {}, []
     for name, v in ranges.items():
         ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in v)
-        if ok and math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] <= v[1]:
+        if ok and all(math.isfinite(b) and abs(b) < MAX_ABS_RANGE for b in v) and v[0] < v[1]:
             out[name] = (float(v[0]), float(v[1]))
         else:
             bad.append(f"{name}: {v!r}")
     if bad:
-        raise ScarletError(f"{where} has {len(bad)} invalid ranges (not two finite numbers with lo <= hi; e.g. "
+        raise ScarletError(f"{where} has {len(bad)} invalid ranges (not two finite numbers with lo < hi within +-{MAX_ABS_RANGE:g}; e.g. "
                            f"{'; '.join(bad[:2])}); {fix}.")
     missing = sorted(set(tensors) - set(out)) if tensors is not None else []
     if missing:

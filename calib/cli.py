@@ -9,7 +9,7 @@ from scarlet_deploy.calib.pipeline import trt_table_path
 from scarlet_deploy.calib.qdq import TARGETS
 from scarlet_deploy.runtime.core import cli_types
 from scarlet_deploy.runtime.core.artifacts import manifest_path
-from scarlet_deploy.runtime.core.paths import check_output
+from scarlet_deploy.runtime.core.paths import check_output, check_outputs
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -92,8 +92,8 @@ def run(args) -> int:
     check_output(args.output, inputs + [("--cache", args.cache)], companions=[manifest_path(args.output), trt_table_path(args.output)])
     if args.cache:  # read and rewritten: it may be anything but the model
         check_output(args.cache, inputs, "--cache")
-    for suffix in (".json", ".md") if args.report else ():
-        check_output(f"{args.report}{suffix}", inputs + [("--cache", args.cache)], "--report")
+    reports = [("--report", f"{args.report}{suffix}") for suffix in ((".json", ".md") if args.report else ())]
+    check_outputs([("-o/--output", args.output), ("--cache", args.cache), *reports], inputs)
     cfg = _config(args, onnx=args.onnx, images=args.images, output=args.output, target=args.target,
                   eval_dir=args.eval_dir, cache=args.cache, model=args.model, report=args.report)
     _, res = calibrate(cfg)

@@ -10,6 +10,7 @@ ILSVRC files with LOC_val_solution.csv or the devkit); calibration itself needs 
 other folder of images is accepted, unlabelled (accuracy budgets then use agreement only)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections import defaultdict
@@ -136,6 +137,48 @@ def readable(split: ImageSplit) -> ImageSplit:
     return ImageSplit(tuple(split.calib[i] for i in ci), tuple(split.eval[i] for i in ei),
                       tuple(split.eval_labels[i] for i in ei), tuple(split.select[i] for i in si),
                       tuple(split.select_labels[i] for i in si))
+
+
+# Below this standard deviation (in 0-255 grey levels, in every channel) an image is one flat colour: it
+# carries nothing to calibrate on, and a report on such images measures nothing (an all-black set agrees 100 %
+# with anything). The least varied of the 500 shared ImageNet sample images has 22 levels.
+MIN_PIXEL_STD = 2.0
+
+
+def informative(split: ImageSplit, x: dict[str, np.ndarray], preprocess: Preprocess) -> tuple[ImageSplit, dict[str, np.ndarray]]:
+    """`split` and its loaded arrays (`x` keyed calib/select/eval) without flat images and without repeats
+    (pixel-identical after preprocessing, within or across the three sets: a report image equal to a
+    calibration image is not held out), each dropped with a `skipped FILE: why` line. Refuses a set that
+    loses half its images or more: a degenerate image set must not yield a model or a report."""
+    from tqdm import tqdm
+
+    scale = np.asarray(preprocess.std, np.float32) * 255.0
+    seen: dict[bytes, Path] = {}
+    keep: dict[str, list[int]] = {}
+    for what, paths in (("calib", split.calib), ("select", split.select), ("eval", split.eval)):
+        keep[what] = []
+        for i, (path, xi) in enumerate(zip(paths, x[what])):
+            std = xi.reshape(len(scale), -1).std(1) * scale
+            digest = hashlib.sha256(np.ascontiguousarray(xi).tobytes()).digest()
+            if (std < MIN_PIXEL_STD).all():
+                tqdm.write(f"skipped {path}: a flat image (pixel std {std.max():.2f} grey levels, below "
+                           f"{MIN_PIXEL_STD}) carries nothing to calibrate on or judge by")
+            elif digest in seen:
+                tqdm.write(f"skipped {path}: the same pixels as {seen[digest]}")
+            else:
+                seen[digest] = path
+                keep[what].append(i)
+    names = {"calib": "calibration", "select": "selection", "eval": "report"}
+    for what, paths in (("calib", split.calib), ("select", split.select), ("eval", split.eval)):
+        if paths and len(keep[what]) * 2 <= len(paths):
+            raise ScarletError(f"only {len(keep[what])} of the {len(paths)} {names[what]} images are distinct images "
+                               "with content (the others are flat colours or repeats; see the skipped lines): such a "
+                               "set calibrates nothing and makes any model look good. Pass --images (and --eval-dir) "
+                               "folders of real, varied photographs.")
+    out = ImageSplit(tuple(split.calib[i] for i in keep["calib"]), tuple(split.eval[i] for i in keep["eval"]),
+                     tuple(split.eval_labels[i] for i in keep["eval"]), tuple(split.select[i] for i in keep["select"]),
+                     tuple(split.select_labels[i] for i in keep["select"]))
+    return out, {k: x[k][keep[k]] for k in keep}
 
 
 def relative_names(paths: list[Path] | tuple[Path, ...]) -> list[str]:

@@ -130,6 +130,8 @@ def prepare(onnx_path: Path, images_dir: Path, num_images: int, seed: int = 0, e
     x_calib = images.load(split.calib, pre, "calibration images")
     x_select = images.load(split.select, pre, "selection images")
     x_eval = images.load(split.eval, pre, "report images")
+    split, x = images.informative(split, {"calib": x_calib, "select": x_select, "eval": x_eval}, pre)
+    x_calib, x_select, x_eval = x["calib"], x["select"], x["eval"]
     y_eval, y_select = _labels(split.eval_labels), _labels(split.select_labels)
 
     def ref(x: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.paths import check_outputs
 from scarlet_deploy.runtime.core.host import cpu_isa, isa_text, physical_cores
 from scarlet_deploy.runtime.core.report import markdown_table
 from scarlet_deploy.runtime.runners.openvino import OV_BACKENDS, openvino_missing, ov_unavailable
@@ -245,6 +246,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from scarlet_deploy.runtime.core.artifacts import write_json_atomic
 
+    if args.json:
+        check_outputs([("--json", args.json)])
     r = probe(args.build_dir)
     print(text(r))
     if args.json:

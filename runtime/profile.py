@@ -16,7 +16,7 @@ from pathlib import Path
 from scarlet_deploy.runtime.core import cli_types
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.onnx_io import read_io
-from scarlet_deploy.runtime.core.paths import check_output
+from scarlet_deploy.runtime.core.paths import check_outputs
 from scarlet_deploy.runtime.runners.ort import OrtOptions, make_session
 
 
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from scarlet_deploy.runtime.core.artifacts import write_json_atomic
 
     if args.json:
-        check_output(args.json, [("--onnx", args.onnx)], "--json")
+        check_outputs([("--json", args.json)], [("--onnx", args.onnx)])
     times = kernel_times(args.onnx, args.batch, args.runs, options=OrtOptions(threads=args.threads))
     ops, nodes = by_operator(times, args.runs), slowest_nodes(times, args.runs, args.nodes)
     print(markdown(args.onnx, args.batch, ops, nodes), end="")

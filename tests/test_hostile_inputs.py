@@ -64,6 +64,11 @@ def tiny_onnx(path: Path, classes_: int = 1000, size: int = 224, weight: float |
     return path
 
 
+def noise_image(seed: int, shape: tuple[int, int] = (64, 80)) -> np.ndarray:
+    """A varied (non-flat), distinct image: calibrate refuses flat colours and repeats."""
+    return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+
+
 def png_header(path: Path, width: int, height: int) -> Path:
     """A few hundred bytes that declare width x height pixels: what a decompression bomb looks like."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -97,7 +102,7 @@ def files(tmp_path_factory, b_state) -> dict[str, Path]:
     imgs = d / "images"
     for i, wnid in enumerate((TENCH, "n01443537", "n01484850", TOILET_TISSUE)):
         (imgs / wnid).mkdir(parents=True)
-        Image.fromarray(np.full((64, 80, 3), 40 * i, np.uint8)).save(imgs / wnid / f"{wnid}_{i}.png")
+        Image.fromarray(noise_image(i)).save(imgs / wnid / f"{wnid}_{i}.png")
     f["images"] = imgs
     f["huge_png"] = png_header(d / "huge.png", 20000, 20000)
     f["big_png"] = png_header(d / "big.png", 10000, 10000)  # 100 M pixels: above the cap, below PIL's own refusal
@@ -264,6 +269,85 @@ def test_unusable_output_paths_are_refused_before_the_work(files, tmp_path, caps
                                        "unwritable": "cannot be written"}[where])
 
 
+def _special(tmp_path: Path, kind: str) -> Path:
+    f = tmp_path / f"special-{kind}"
+    if kind == "fifo":
+        os.mkfifo(f)
+    else:
+        try:
+            os.mknod(f, 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+        except PermissionError:
+            pytest.skip("creating a character device needs root")
+    return f
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev"])
+@pytest.mark.parametrize("command", ["profile", "fp16", "verify", "doctor"])
+def test_special_files_as_outputs_are_refused_and_left_alone(files, tmp_path, capsys, kind, command):
+    """Renaming over a device replaced it with a regular file (as root, `profile --json /dev/null`)."""
+    target = _special(tmp_path, kind)
+    argv = {"profile": ["profile", "--onnx", files["onnx"], "--batch", "1", "--runs", "1", "--json", target],
+            "fp16": ["fp16", "--onnx", files["onnx"], "-o", target],
+            "verify": ["verify", "--model", "efficientnet_lite0", "--onnx", files["onnx"], "--json", target],
+            "doctor": ["doctor", "--json", target]}[command]
+    before = os.stat(target)
+    rc, err = run_cli(capsys, argv, [files["onnx"]], [Path(f"{target}.json")])
+    assert_refused(rc, err, str(target), "not a regular file", "Pass the path of a regular file")
+    after = os.stat(target)
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (before.st_ino, before.st_mode, before.st_rdev)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_a_report_to_dev_stdout_is_written_through_not_renamed_over(files, tmp_path):
+    """A subprocess with stdout redirected to a file: /dev/stdout is then that file, and stays /dev/stdout."""
+    log = tmp_path / "out.txt"
+    with open(log, "wb") as out:
+        proc = subprocess.run([sys.executable, "-m", "scarlet_deploy.runtime.cli", "profile", "--onnx", str(files["onnx"]),
+                               "--batch", "1", "--runs", "1", "--json", "/dev/stdout"], stdout=out, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    text = log.read_text()
+    assert "| " in text.split("{", 1)[0]  # the printed table first, then the JSON appended after it
+    assert json.loads("{" + text.split("{", 1)[1])["batch"] == 1
+    assert os.path.islink("/dev/stdout") and not list(Path("/dev").glob(".stdout*"))
+
+
+def test_dev_null_stays_a_device(files, capsys):
+    rc, _ = run_cli(capsys, ["profile", "--onnx", files["onnx"], "--batch", "1", "--runs", "1", "--json", "/dev/null"])
+    assert rc == 0 and Path("/dev/null").is_char_device() and not Path("/dev/null.json").exists()
+    assert not list(Path("/dev").glob(".null*"))
+
+
+def test_two_outputs_of_one_command_may_not_be_one_file(files, tmp_path, capsys):
+    out = tmp_path / "r.txt"
+    rc, err = run_cli(capsys, ["verify", "--model", "efficientnet_lite0", "--onnx", files["onnx"], "--json", out,
+                               "--markdown", out], [files["onnx"]], [out])
+    assert_refused(rc, err, f"--json and --markdown are both {out}", "Pass a different path to each")
+    link = tmp_path / "link.md"
+    link.symlink_to(tmp_path / "real.md")
+    rc, err = run_cli(capsys, ["calibrate", "--onnx", files["onnx"], "--model", "efficientnet_lite0", "--images",
+                               files["images"], "--num-images", "2", "-o", tmp_path / "q.onnx", "--cache", tmp_path / "real.md",
+                               "--report", tmp_path / "link"], [files["onnx"]], [tmp_path / "q.onnx"])
+    assert_refused(rc, err, "are both", "Pass a different path to each")
+
+
+def test_an_output_inside_the_reference_cache_is_refused(files, tmp_path, capsys):
+    meta = tmp_path / "cache" / "reference" / "efficientnet_lite0-abc" / "meta.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text('{"keep": "me"}')
+    rc, err = run_cli(capsys, ["verify", "--model", "efficientnet_lite0", "--onnx", files["onnx"], "--cache-dir",
+                               tmp_path / "cache", "--json", meta], [files["onnx"], meta])
+    assert_refused(rc, err, str(meta), "lies inside the reference cache")
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", "/abs", "", "-dash", "x" * 200])
+def test_triton_model_names_must_be_plain_names(files, tmp_path, capsys, name):
+    out = tmp_path / "repo"
+    rc, err = run_cli(capsys, ["triton", "--onnx", files["onnx"], f"--model={name}", "-o", out], [files["onnx"]], [out])
+    assert_refused(rc, err, "is not a plain name", "pass --model NAME")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- 3. calibration caches are validated
 
 @pytest.fixture()
@@ -308,6 +392,45 @@ def test_the_cli_refuses_a_binary_cache_before_loading_images(files, tmp_path, c
     rc, err = run_cli(capsys, ["calibrate", "--onnx", files["onnx"], "--model", "efficientnet_lite0", "--images", files["images"],
                                "--num-images", "2", "--cache", bad, "-o", out], [bad, files["onnx"]], [out])
     assert_refused(rc, err, str(bad), "delete it and calibrate again")
+
+
+@pytest.mark.parametrize("bad", [[-1e30, 1e30], [0.0, 0.0], [3.0, 3.0], [0.0, 2e6]])
+def test_absurd_and_zero_width_ranges_are_refused(cache_file, bad):
+    """+-1e30 quantises a tensor to zeros and a zero width to one value: the model scores 0 % top-1."""
+    path, prov = cache_file
+    data = json.loads(path.read_text())
+    data["ranges"]["x"] = bad
+    path.write_text(json.dumps(data))
+    with pytest.raises(ScarletError, match="invalid ranges") as e:
+        cache_mod.load(path, prov, ["x", "y"])
+    assert str(path) in str(e.value)
+
+
+def _calibrate_argv(onnx: Path, imgs: Path, out: Path, report: Path | None = None) -> list:
+    return ["calibrate", "--onnx", onnx, "--model", "efficientnet_lite0", "--images", imgs, "--num-images", "4",
+            "--num-select", "2", "--method", "minmax", "--no-compare", "--no-baseline", "--bench-rounds", "0",
+            "--threads", "1", "-o", out] + (["--report", report] if report else [])
+
+
+@pytest.mark.parametrize("junk", ["black", "one_colour_each", "near_flat", "duplicates", "report_equals_calib"])
+def test_junk_image_sets_are_refused_before_a_model_is_written(files, tmp_path, capsys, junk):
+    """40 black images once gave a report saying INT8 beats the baseline with 100 % agreement, exit 0."""
+    imgs = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    wnids = [TENCH, "n01443537", "n01484850", TOILET_TISSUE]
+    for i in range(12):
+        d = imgs / wnids[i % 4]
+        d.mkdir(parents=True, exist_ok=True)
+        a = {"black": lambda: np.zeros((64, 80, 3), np.uint8),
+             "one_colour_each": lambda: np.full((64, 80, 3), 20 * i, np.uint8),
+             "near_flat": lambda: (128 + rng.integers(-1, 2, (64, 80, 3))).astype(np.uint8),
+             "duplicates": lambda: noise_image(0),
+             "report_equals_calib": lambda: noise_image(i % 4)}[junk]()
+        Image.fromarray(a).save(d / f"{i}.png")
+    out, report = tmp_path / "q.onnx", tmp_path / "r"
+    rc, err = run_cli(capsys, _calibrate_argv(files["onnx"], imgs, out, report), [files["onnx"]],
+                      [out, manifest_path(out), Path(f"{report}.json"), Path(f"{report}.md")])
+    assert_refused(rc, err, "are distinct images with content", "real, varied photographs")
 
 
 def test_nonfinite_computed_ranges_are_refused():
@@ -373,7 +496,7 @@ def test_calibrate_skips_unreadable_images_with_a_line(files, tmp_path, capsys):
     imgs = tmp_path / "images"
     for i, wnid in enumerate((TENCH, "n01443537", "n01484850")):
         (imgs / wnid).mkdir(parents=True)
-        Image.fromarray(np.full((64, 80, 3), 60 * i, np.uint8)).save(imgs / wnid / f"{i}.png")
+        Image.fromarray(noise_image(10 + i)).save(imgs / wnid / f"{i}.png")
     bomb = png_header(imgs / TENCH / "bomb.png", 20000, 20000)
     bad = imgs / "n01443537" / "bad.JPEG"
     bad.write_bytes(b"not a jpeg")
@@ -512,3 +635,77 @@ def test_preprocessing_of_a_synthetic_image_is_exact(tmp_path, model, pipeline):
     crop = rgb[16:240, 16:240].astype(np.float64) / 255.0
     want = ((crop - np.array(mean)) / np.array(std)).transpose(2, 0, 1)
     np.testing.assert_allclose(x, want, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- memory bounds, OS errors, SIGTERM
+
+def test_predict_streams_many_images_in_bounded_batches(files, tmp_path, monkeypatch):
+    """1000 image arguments once went through as one batch (10 GB RSS); now at most 32 at a time."""
+    from scarlet_deploy.runtime.predict import predict
+    from scarlet_deploy.runtime.runners.ort import OrtRunner
+
+    img = tmp_path / "a.png"
+    Image.fromarray(noise_image(3)).save(img)
+    seen: list[int] = []
+    infer = OrtRunner.infer
+
+    def spy(self, x):
+        seen.append(len(x))
+        return infer(self, x)
+
+    monkeypatch.setattr(OrtRunner, "infer", spy)
+    preds, skipped = predict(files["onnx"], [str(img)] * 70 + [str(files["fifo"])], "efficientnet_lite0")
+    assert len(preds) == 70 and len(skipped) == 1 and max(seen) <= 32 and sum(seen) == 70
+    assert len({tuple(p.top) for p in preds}) == 1  # every batch gives the same answer for the same image
+
+
+def test_os_errors_are_one_paragraph(files, tmp_path, capsys, monkeypatch):
+    """ENAMETOOLONG for real; ENOSPC, EROFS and MemoryError raised where the write or the allocation happens."""
+    import errno
+
+    long_name = tmp_path / ("x" * 300 + ".json")
+    argv = ["profile", "--onnx", files["onnx"], "--batch", "1", "--runs", "1", "--json"]
+    rc, err = run_cli(capsys, argv + [long_name], [files["onnx"]])
+    assert_refused(rc, err, "File name too long", "pass a shorter one")
+    from scarlet_deploy.runtime.core import artifacts
+
+    for code, needle in ((errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only")):
+        def fail(*_a, code=code):
+            raise OSError(code, os.strerror(code), str(tmp_path / "p.json"))
+
+        monkeypatch.setattr(artifacts.os, "replace", fail)
+        rc, err = run_cli(capsys, argv + [tmp_path / "p.json"], [files["onnx"]], [tmp_path / "p.json"])
+        assert_refused(rc, err, needle, str(tmp_path / "p.json"))
+        monkeypatch.undo()
+        assert not list(tmp_path.glob(".p.json*")), "the temporary was left"
+    from scarlet_deploy.runtime import profile
+
+    def no_memory(*_a, **_k):
+        raise MemoryError("Unable to allocate 56.1 GiB for an array with shape (100000, 3, 224, 224)")
+
+    monkeypatch.setattr(profile, "kernel_times", no_memory)
+    rc, err = run_cli(capsys, argv[:-1] + ["--json", tmp_path / "m.json"], [files["onnx"]], [tmp_path / "m.json"])
+    assert_refused(rc, err, "not enough memory", "lower --batch")
+
+
+@pytest.mark.slow
+def test_sigterm_is_an_interruption_with_no_leftovers(files, val_dir, tmp_path):
+    """SIGTERM during a long command: exit 130 as for Ctrl-C, no traceback, no temporary folder left."""
+    import signal
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "q.onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "scarlet_deploy.runtime.cli", "calibrate", "--onnx", str(files["onnx"]),
+                             "--model", "efficientnet_lite0", "--images", str(val_dir), "--num-images", "400",
+                             "--num-select", "50", "--threads", "1", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    deadline = time.monotonic() + 60
+    while not list(tmp.glob("scarlet-calib-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert not list(tmp.glob("scarlet-*")) and not out.exists() and not manifest_path(out).exists()

@@ -5,6 +5,7 @@ One `scarlet serve` process per module, on free loopback ports; the last test st
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -183,6 +184,90 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(server, ima
             _infer(m, client, model, name, arr, dtype)
         assert client.is_server_ready() and client.is_model_ready(NAME) and client.is_model_ready(f"{NAME}_image")
         assert _infer(m, client, f"{NAME}_image", "image", good, "UINT8").as_numpy("logits").shape == (1, 1000)
+
+
+def _raw_http(port: int, body: bytes, headers: dict[str, str], path: str = f"/v2/models/{NAME}/infer") -> int:
+    """POST exactly these bytes and headers (no client-side checks); the HTTP status, or 0 if the connection dropped."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.putrequest("POST", path)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        conn.send(body)
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return 0
+    finally:
+        conn.close()
+
+
+def _json_infer(model: str, name: str, shape, dtype: str, data, **params) -> bytes:
+    inp = {"name": name, "shape": shape, "datatype": dtype, "data": data}
+    if params:
+        inp["parameters"] = params
+        del inp["data"]
+    return json.dumps({"inputs": [inp]}).encode()
+
+
+def _hostile_http() -> dict[str, tuple[bytes, dict[str, str]]]:
+    import gzip
+
+    js = {"Content-Type": "application/json"}
+    deep = b'{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":' + b"[" * 200000 + b"]" * 200000 + b"}]}"
+    header = _json_infer(NAME, "input", [1, 3, 224, 224], "FP32", None, binary_data_size=1 << 40)
+    return {
+        # Triton 2.51 alone allocates the declared 600 GB while parsing this and aborts (std::bad_alloc).
+        "json_huge_shape": (_json_infer(NAME, "input", [1000000, 3, 224, 224], "FP32", [1]), js),
+        "json_huge_image": (_json_infer(f"{NAME}_image", "image", [1, 1 << 40], "UINT8", [255]), js),
+        "json_shape_overflow": (_json_infer(NAME, "input", [1 << 70, 3, 224, 224], "FP32", [1]), js),
+        "json_negative_shape": (_json_infer(NAME, "input", [-1, 3, 224, 224], "FP32", [1]), js),
+        "json_deeply_nested": (deep, js),
+        "not_json": (b"{\"inputs\": [", js),
+        "binary_size_beyond_body": (header + b"\0" * 16, {"Inference-Header-Content-Length": str(len(header))}),
+        "header_length_beyond_body": (b"{}", {"Inference-Header-Content-Length": str(1 << 40)}),
+        "content_length_1tb": (b"", {"Content-Length": str(1 << 40)}),
+        "chunked": (b"5\r\nhello\r\n0\r\n\r\n", {"Transfer-Encoding": "chunked"}),
+        "gzip_bomb": (gzip.compress(b" " * (200 << 20), 9), {**js, "Content-Encoding": "gzip"}),
+        "gzip_garbage": (b"not gzip at all", {**js, "Content-Encoding": "gzip"}),
+    }
+
+
+def test_a_burst_of_hostile_requests_leaves_the_server_ready(server, images):
+    """HTTP requests that declare more than they carry, oversized bodies, bombs; gRPC's equivalents."""
+    _, ports = server
+    sent = _hostile_http()
+    for what, (body, headers) in sent.items():
+        headers = {"Content-Length": str(len(body)), **headers}
+        status = _raw_http(ports.http, body, headers)
+        assert status in (0, 400, 411, 413), (what, status)
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=10) as r:
+            assert r.status == 200, what
+    client = tgrpc.InferenceServerClient(f"127.0.0.1:{ports.grpc}")
+    for model, name, shape, dtype in [(NAME, "input", [1000000, 3, 224, 224], "FP32"), (f"{NAME}_image", "image", [1, 1 << 40], "UINT8")]:
+        i = tgrpc.InferInput(name, shape, dtype)
+        i._raw_content = b"\0\0\0\0"  # fewer bytes than declared, as a hostile client sends them
+        with pytest.raises(InferenceServerException):
+            client.infer(model, [i], client_timeout=60)
+    good = np.fromfile(images[0], np.uint8)[None]
+    for m, c in _clients(ports):
+        assert c.is_server_ready() and c.is_model_ready(NAME) and c.is_model_ready(f"{NAME}_image")
+        assert _infer(m, c, f"{NAME}_image", "image", good, "UINT8").as_numpy("logits").shape == (1, 1000)
+    # JSON tensor data within the limits still goes through the guard.
+    x = np.zeros((1, 3, 224, 224), np.float32)
+    i = thttp.InferInput("input", list(x.shape), "FP32")
+    i.set_data_from_numpy(x, binary_data=False)
+    assert thttp.InferenceServerClient(f"127.0.0.1:{ports.http}").infer(NAME, [i]).as_numpy("logits").shape == (1, 1000)
+
+
+def test_clashing_ports_are_refused_naming_the_clash(lite0_onnx, capsys):
+    assert main(["serve", "--onnx", str(lite0_onnx), "--http-port", "18000", "--grpc-port", "18000"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the HTTP and gRPC ports are both 18000" in err and "Traceback" not in err
+    assert main(["serve", "--onnx", str(lite0_onnx), "--grpc-port", "18001", "--metrics-port", "18001"]) == 2
+    assert "the gRPC and metrics ports are both 18001" in " ".join(capsys.readouterr().err.split())
 
 
 def test_a_bad_image_fails_alone_in_its_dynamic_batch(server, images):

@@ -10,7 +10,7 @@ from scarlet_deploy.runtime.bench.readme import README_BEGIN, README_END, update
 from scarlet_deploy.runtime.bench.report import render_markdown
 from scarlet_deploy.runtime.bench.run import run_bench
 from scarlet_deploy.runtime.core import cli_types
-from scarlet_deploy.runtime.core.paths import check_output
+from scarlet_deploy.runtime.core.paths import check_outputs
 
 
 def register(sub) -> None:
@@ -55,9 +55,8 @@ def run(args) -> int:
     inputs = [("--build-dir", p) for m in cfg.models for p in sorted(cfg.build_dir.glob(f"{m}.*"))] + \
         [("--engine", e) for e in cfg.engines] + \
         [("--reports-dir", cfg.reports_dir / f"{kind}-{m}.json") for m in cfg.models for kind in ("verify", "calib")]
-    for flag, out in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
-        if out:  # before minutes of measuring, and never over a benchmarked model
-            check_output(out, inputs, flag)
+    # Before minutes of measuring: never over a benchmarked model or over each other.
+    check_outputs([("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)], inputs)
 
     data = {"command": " ".join(["scarlet", *sys.argv[1:]]), **run_bench(cfg)}
     md = render_markdown(data)

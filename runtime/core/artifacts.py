@@ -9,6 +9,10 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
+import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -51,13 +55,50 @@ def _umask() -> int:
     return mask
 
 
+_STREAM = re.compile(r"^/dev/(stdout|stderr|null|fd/\d+)$|^/proc/self/fd/\d+$")
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """A name for one of this process's output streams (or /dev/null): written through, never renamed over."""
+    return bool(_STREAM.match(os.path.abspath(os.fspath(path))))
+
+
+def special_file(path: str | os.PathLike) -> str | None:
+    """What an existing non-regular file is (following links: "a character device", ...), None otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, what in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it into place only on success.
 
-    An interrupted or failed writer leaves neither a partial file nor the temporary.
+    An interrupted or failed writer leaves neither a partial file nor the temporary. A stream name
+    (/dev/stdout, /dev/null, ...) gets the finished bytes written through; any other special file is refused:
+    renaming over a device replaces it with a regular file.
     """
     final = Path(final)
+    if is_stream(final):
+        with tempfile.TemporaryDirectory(prefix="scarlet-out-") as d:
+            tmp = Path(d) / final.name
+            yield tmp
+            sys.stdout.flush()  # what the command printed so far comes first
+            # Append: /dev/stdout redirected to a file must not truncate what was printed there.
+            with open(final, "ab") as out, open(tmp, "rb") as src:
+                shutil.copyfileobj(src, out)
+        return
+    what = special_file(final)
+    if what:
+        raise ScarletError(f"{final} is {what}, not a regular file; scarlet writes a file beside it and renames it "
+                           "into place, which would replace it. Pass the path of a regular file "
+                           "(a report may also go to /dev/stdout).")
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     os.close(fd)

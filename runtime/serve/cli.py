@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import tempfile
@@ -12,6 +13,7 @@ from scarlet_deploy.export.registry import MODELS, get_spec
 from scarlet_deploy.runtime.core.artifacts import read_manifest
 from scarlet_deploy.runtime.core.cli_types import nonneg_int, port, positive_float, positive_int
 from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.paths import check_outputs
 from scarlet_deploy.runtime.core.host import physical_cores
 from scarlet_deploy.runtime.core.report import write_reports
 from scarlet_deploy.runtime.data.images import default_val_dir, list_images
@@ -32,6 +34,20 @@ def default_name(onnx: str) -> str:
     """The manifest's registry model, else the file's stem: Triton model names are directory names."""
     m = read_manifest(onnx) or {}
     return m.get("model") or Path(onnx).name.split(".")[0]
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """--model, else default_name: a Triton model name is a folder in the repository, so it must be one plain
+    name; a `/` or `..` in it would write outside -o and give Triton's config a name no URL can reach."""
+    name = args.model if args.model is not None else default_name(args.onnx)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ScarletError(f"model name {name!r} (from {'--model' if args.model is not None else args.onnx}) is not a plain name; "
+                           "pass --model NAME made of letters, digits, `_`, `.` and `-` (at most 128, starting with a "
+                           "letter or digit).")
+    return name
 
 
 def _batching_args(p: argparse.ArgumentParser) -> None:
@@ -68,7 +84,7 @@ def _package_args(args: argparse.Namespace) -> None:
 
 def _serve_request(args: argparse.Namespace) -> ServeRequest:
     _package_args(args)
-    name = args.model or default_name(args.onnx)
+    name = model_name(args)
     return ServeRequest(Path(args.onnx), name, Path(args.engine) if args.engine else None,
                         model=args.preprocess_model or (name if name in MODELS else None), backend=args.backend,
                         # Instances split the cores between them rather than each taking all of them.
@@ -137,8 +153,8 @@ def _raise_stop(signum, _frame) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    req = _serve_request(args)
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    req = _serve_request(args)
     with tempfile.TemporaryDirectory(prefix="scarlet-serve-") as repo:
         served = write_serving_repository(req, Path(repo), launcher_paths())
         server = TritonServer(Path(repo), ports, host=args.host, log_path=Path(args.log) if args.log else None)
@@ -167,7 +183,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_triton(args: argparse.Namespace) -> int:
-    name = args.model or default_name(args.onnx)
+    name = model_name(args)
     d = write_triton_repository(ExportRequest(Path(args.onnx), Path(args.out), name,
                                               Path(args.engine) if args.engine else None,
                                               "KIND_GPU" if args.gpu else "KIND_CPU", _batching(args), args.backend))
@@ -176,6 +192,7 @@ def run_triton(args: argparse.Namespace) -> int:
 
 
 def run_load(args: argparse.Namespace) -> int:
+    check_outputs([("--json", args.json), ("--markdown", args.markdown)], [("--onnx", args.onnx)])
     req = _serve_request(args)
     if args.engine:
         raise ScarletError("serve-load compares with in-process onnxruntime; run it with --onnx only.")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.serve.guard import HttpGuard
 
 LOOPBACK = "127.0.0.1"
 INSTALL_HINT = ("install the serving extra: `.venv/bin/python -m pip install -c constraints.txt -e '.[serve]'` and "
@@ -35,6 +36,15 @@ class Ports:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+
+    def __post_init__(self) -> None:
+        # Triton would bind the first and fail on the second, reported only as "exited while loading".
+        seen: dict[int, str] = {}
+        for what, port in self.items():
+            if port in seen:
+                raise ScarletError(f"the {seen[port]} and {what} ports are both {port}; each of --http-port, "
+                                   "--grpc-port and --metrics-port needs a port of its own.")
+            seen[port] = what
 
     def items(self) -> list[tuple[str, int]]:
         return [("HTTP", self.http), ("gRPC", self.grpc), ("metrics", self.metrics)]
@@ -140,6 +150,8 @@ class TritonServer:
     proc: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
+        self._guard: HttpGuard | None = None
+        self._triton_http: int | None = None  # Triton's own HTTP port (loopback), behind the guard on ports.http
         self._work = tempfile.TemporaryDirectory(prefix="scarlet-triton-")
         self._shm_prefix = f"scarlet_{os.getpid()}_{os.urandom(3).hex()}_"
 
@@ -155,8 +167,9 @@ class TritonServer:
         backends = dist.backend_dir(Path(self._work.name))
         return [
             str(dist.binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
-            f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
-            f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}", f"--metrics-port={self.ports.metrics}",
+            # Triton's HTTP frontend listens on loopback only; the public HTTP port is the guard's (guard.py).
+            f"--http-address={LOOPBACK}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
+            f"--http-port={self._triton_http}", f"--grpc-port={self.ports.grpc}", f"--metrics-port={self.ports.metrics}",
             f"--exit-timeout-secs={self.exit_timeout_s}", "--strict-readiness=true",
             # A named shared-memory prefix, so a killed server's regions can be found and removed.
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
@@ -168,15 +181,21 @@ class TritonServer:
     def start(self, ready_timeout_s: float = 120.0) -> "TritonServer":
         dist = TritonDist.find()
         check_ports_free(self.ports, self.host)
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._triton_http = free_ports(LOOPBACK).http
         try:
-            # Own session: signals from the terminal reach only us, and we stop the whole group (stubs included).
-            self.proc = subprocess.Popen(self.command(dist), env=stub_environment(), stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            if log is not subprocess.DEVNULL:
-                log.close()
+            self._guard = HttpGuard((self.host, self.ports.http), (LOOPBACK, self._triton_http)).start()
+        except OSError as e:
+            raise ScarletError(f"HTTP port {self.ports.http} on {self.host} cannot be opened ({e.strerror or e}); "
+                               "choose another with --http-port.") from None
         try:
+            log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+            try:
+                # Own session: signals from the terminal reach only us, and we stop the whole group (stubs included).
+                self.proc = subprocess.Popen(self.command(dist), env=stub_environment(), stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+            finally:
+                if log is not subprocess.DEVNULL:
+                    log.close()
             self.wait_ready(ready_timeout_s)
         except BaseException:
             self.stop()
@@ -203,6 +222,9 @@ class TritonServer:
 
     def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGINT (Triton unloads its models and its stubs exit), then SIGKILL to the group if it lingers."""
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
         if self.proc is None:
             return None
         timeout_s = timeout_s if timeout_s is not None else self.exit_timeout_s + 10

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from scarlet_deploy.runtime.core import cli_types
 from scarlet_deploy.runtime.core.errors import ScarletError
-from scarlet_deploy.runtime.core.paths import check_output
+from scarlet_deploy.runtime.core.paths import check_outputs
 from scarlet_deploy.runtime.runners.registry import ONNX_RUNTIMES
 from scarlet_deploy.runtime.verify.compare import Thresholds
 from scarlet_deploy.runtime.verify.config import VerifyConfig
@@ -117,9 +117,11 @@ def run(args: argparse.Namespace) -> int:
     found = sorted(args.auto_onnx.glob(f"{cfg.model}*.onnx")) if args.auto_onnx and args.auto_onnx.is_dir() else []
     inputs = [("--onnx", o) for o in args.onnx] + [("--auto-onnx", o) for o in found] + \
         [("--engine", e) for e in args.engine] + [("--checkpoint", cfg.checkpoint)]
-    for flag, out in (("--json", args.json), ("--markdown", args.markdown)):
-        if out:  # before minutes of inference, and never over a model being verified
-            check_output(out, inputs, flag)
+    # Before minutes of inference: never over a model being verified, each other, or the cache read back.
+    cache = cfg.cache_dir
+    check_outputs([("--json", args.json), ("--markdown", args.markdown)], inputs,
+                  [("the reference cache", cache / "reference" if cache else None),
+                   ("the resume journal", cache / "verify-resume" if cache else None)])
     report = verify(cfg)
     md = render_markdown(report)
     write_reports(report.as_dict(), md, args.json, args.markdown)
