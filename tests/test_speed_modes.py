@@ -121,3 +121,65 @@ def test_bf16_float_parts_take_only_the_openvino_int8_model_and_have_their_own_g
     assert t.check("int8-bf16", 0.96, 1.0) == (True, "agree >= 95.00%")
     strict = vcfg.Thresholds(int8_bf16_min_agreement=0.97)  # its own floor, apart from int8's
     assert strict.check("int8-bf16", 0.96, 0.0)[0] is False and strict.check("int8", 0.96, 0.0)[0] is True
+
+
+# ---------------------------------------------------------------- a peak per precision
+
+def test_every_precision_has_a_peak_kind_and_bf16_needs_native_bf16():
+    from scarlet_deploy.runtime.peak import KINDS, peak_kind, peak_unavailable
+
+    assert KINDS == ("fp32", "bf16", "int8")
+    kinds = {b: peak_kind(b) for b in ("torch", "torch-compile", "ort", "ov", "ov-bf16", "torch-compile-bf16",
+                                       "ort-int8", "ov-int8", "ov-int8-bf16", "trt-fp16")}
+    assert kinds == {"torch": "fp32", "torch-compile": "fp32", "ort": "fp32", "ov": "fp32", "ov-bf16": "bf16",
+                     "torch-compile-bf16": "bf16", "ort-int8": "int8", "ov-int8": "int8", "ov-int8-bf16": "int8",
+                     "trt-fp16": None}
+    assert peak_unavailable("bf16", cpu_isa(SAPPHIRE_RAPIDS)) is None
+    assert "no native bf16" in peak_unavailable("bf16", cpu_isa(ICE_LAKE))
+    assert "cannot be read" in peak_unavailable("bf16", None)
+    assert peak_unavailable("fp32", cpu_isa(HASWELL)) is None and peak_unavailable("int8", cpu_isa(HASWELL)) is None
+
+
+def test_bf16_peak_is_the_faster_bf16_gemm_and_names_it(monkeypatch):
+    from scarlet_deploy.runtime import peak
+
+    if peak.peak_unavailable("bf16"):
+        assert peak.measure_peak("bf16", seconds=0.01, n=64) is None  # a CPU without bf16: no peak, not an error
+        return
+    p = peak.measure_peak("bf16", seconds=0.01, n=128, threads=1)
+    assert p.kind == "bf16" and p.gops > 0 and p.method.startswith(("OpenVINO MatMul", "torch.mm")) and "128x128x128" in p.method
+    monkeypatch.setattr(peak, "_bf16_methods", lambda n, t: [("slow", lambda: (lambda: __import__("time").sleep(0.002))),
+                                                            ("fast", lambda: (lambda: None))])
+    assert peak.measure_peak("bf16", seconds=0.01, n=128, threads=1).method.startswith("fast, best of")
+
+
+# ---------------------------------------------------------------- torch.compile baselines
+
+def test_torch_compile_needs_a_compiler_and_its_bf16_row_native_bf16():
+    from scarlet_deploy.runtime.runners.pytorch import torch_compile_unavailable
+
+    assert torch_compile_unavailable("torch-compile", cpu_isa(HASWELL), "/usr/bin/g++") is None
+    assert "needs a C++ compiler" in torch_compile_unavailable("torch-compile", cpu_isa(SAPPHIRE_RAPIDS), None)
+    assert torch_compile_unavailable("torch-compile-bf16", cpu_isa(SAPPHIRE_RAPIDS), "/usr/bin/g++") is None
+    why = torch_compile_unavailable("torch-compile-bf16", cpu_isa(ICE_LAKE), "/usr/bin/g++")
+    assert why and "no native bf16" in why and "torch-compile-bf16" in why
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, tol", [("torch-compile", 1e-5), ("torch-compile-bf16", 5e-2)])
+def test_torch_compile_runs_the_module_and_states_its_compile_time(backend, tol):
+    from scarlet_deploy.runtime.runners.pytorch import torch_compile_unavailable
+    from scarlet_deploy.runtime.runners.registry import open_runner
+
+    if torch_compile_unavailable(backend):
+        pytest.skip(torch_compile_unavailable(backend))
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    x = _batches(1)[0]
+    ref = open_runner("torch", module=m).load().infer(x)
+    with open_runner(backend, module=m, threads=1) as r:
+        y = r.infer(x)
+        np.testing.assert_allclose(y, ref, rtol=tol, atol=tol)
+        np.testing.assert_allclose(r.infer(x), y)  # second call: no recompile, same result
+        d = r.describe()
+    assert list(d["compile_s"]) == ["2"] and d["compile_s"]["2"] > 0 and d["freezing"]
