@@ -183,3 +183,22 @@ def test_torch_compile_runs_the_module_and_states_its_compile_time(backend, tol)
         np.testing.assert_allclose(r.infer(x), y)  # second call: no recompile, same result
         d = r.describe()
     assert list(d["compile_s"]) == ["2"] and d["compile_s"]["2"] > 0 and d["freezing"]
+
+
+# ---------------------------------------------------------------- bulk work and serving use throughput mode
+
+def test_bulk_inference_splits_a_batch_over_the_streams_and_keeps_the_order(tiny_onnx):
+    x = np.concatenate(_batches(4, batch=4))
+    with OrtRunner(tiny_onnx, options=OrtOptions(threads=2)) as r:
+        calls = []
+        many = r.infer_many
+        r.infer_many = lambda parts: calls.append([len(p) for p in parts]) or many(parts)
+        np.testing.assert_allclose(r.infer_bulk(x), r.infer(x), rtol=1e-5, atol=1e-5)
+        assert calls == [[8, 8]]  # one part per stream
+
+
+def test_serve_starts_one_instance_per_stream_on_a_cpu_and_one_on_a_gpu():
+    from scarlet_deploy.runtime.serve.cli import default_instances
+
+    assert default_instances(False, 4) == 4 and default_instances(False, 1) == 1
+    assert default_instances(True, 16) == 1

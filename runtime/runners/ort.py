@@ -39,6 +39,13 @@ def ort_threads_per_stream(threads: int) -> int:
     return 1
 
 
+def throughput_plan(threads: int, threads_per_stream: int | None = None) -> tuple[int, int]:
+    """(streams, threads per stream) for throughput mode on `threads` cores: what OrtRunner.infer_many
+    runs, and how many Triton instances `scarlet serve` starts on a CPU by default."""
+    per = min(threads, threads_per_stream or ort_threads_per_stream(threads))
+    return max(1, threads // per), per
+
+
 def make_session(path: str | os.PathLike, options: OrtOptions = OrtOptions(), profile_prefix: str | None = None,
                  threads: int | None = None):
     """An onnxruntime CPU session (`threads` intra-op threads, default options.threads);
@@ -93,9 +100,7 @@ class OrtRunner(Runner):
 
     def _plan(self) -> tuple[int, int]:
         """(streams, threads per stream) of throughput mode."""
-        threads = self.options.threads or physical_cores()
-        per = min(threads, self.options.threads_per_stream or ort_threads_per_stream(threads))
-        return max(1, threads // per), per
+        return throughput_plan(self.options.threads or physical_cores(), self.options.threads_per_stream)
 
     def streams(self, batch: int) -> int:
         return self._plan()[0]
