@@ -32,9 +32,11 @@ class OrtOptions:
 def ort_threads_per_stream(threads: int) -> int:
     """Intra-op threads per stream in throughput mode: 1, one stream per core.
 
-    Measured on SCARLET-A (2 cores, batch 8, docs/performance-modes.md): two single-threaded
-    streams beat one two-threaded session, since a convolution network's small layers cannot
-    keep two threads busy and every node pays a pool hand-off; the gap grows with the cores.
+    Why: a convolution network's small layers cannot keep several threads busy, and each node
+    pays a thread-pool hand-off; single-threaded runs on their callers' threads pay neither.
+    A first check (SCARLET-A, 2 cores, batch 8, on a machine other processes kept ~60 % busy)
+    had two single-threaded streams at 1.3-2.7x one two-threaded session; a quiet `make bench`
+    (ORT FP32 rows of both modes) is the figure that confirms or overturns this default.
     """
     return 1
 
