@@ -197,15 +197,18 @@ def test_config_rejects_bad_input():
 def tiny_run(tiny_build, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(brun, "load_baseline", lambda name: SimpleNamespace(model=_TinyNet()))
-    cfg = bplan.BenchConfig(models=["scarlet_a"], batches=[1, 2], threads=1, build_dir=tiny_build, repeats=2,
+    # torch.compile rows compile for tens of seconds: tests/test_speed_modes.py runs them (slow)
+    backends = [b for b in bplan.BACKENDS if not b.startswith("torch-compile")]
+    cfg = bplan.BenchConfig(models=["scarlet_a"], backends=backends, batches=[1, 2], threads=2, build_dir=tiny_build, repeats=2,
                             seconds=0.01, warmup_s=0, memory=False, peak_seconds=0.01,
                             reports_dir=tmp_path_factory.mktemp("reports"))
     from scarlet_deploy.runtime.peak import Peak
 
     # busy at the start, idle after the model: the best sample counts
-    samples = {"fp32": iter([20.0, 50.0]), "int8": iter([30.0, 40.0])}
+    samples = {"fp32": iter([20.0, 50.0]), "bf16": iter([60.0, 70.0]), "int8": iter([30.0, 40.0])}
     mp.setattr(brun, "measure_peak",
                lambda kind, seconds, threads: Peak(next(samples[kind]), kind, 8, threads, seconds, "fake"))
+    mp.setattr(brun, "peak_unavailable", lambda kind: None)  # every precision has a peak, whatever this CPU is
     try:
         yield brun.run_bench(cfg)
     finally:
@@ -214,10 +217,11 @@ def tiny_run(tiny_build, tmp_path_factory):
 
 def test_run_measures_every_available_backend_and_says_why_others_not(tiny_run):
     ov_here = {b for b in ("ov", "ov-bf16") if ov_unavailable(b) is None}  # OpenVINO and BF16 vary by machine
-    got = {(r["backend"], r["batch"]) for r in tiny_run["results"]}
-    assert got == {(b, n) for b in {"torch", "ort", *ov_here} for n in (1, 2)}
+    got = {(r["backend"], r["batch"], r["mode"]) for r in tiny_run["results"]}
+    assert got == {(b, n, m) for b in {"torch", "ort", *ov_here} for n in (1, 2) for m in ("latency", "throughput")}
     skipped = tiny_run["models"]["scarlet_a"]["skipped"]
-    assert set(skipped) == {"ort-int8", "ov-int8", "trt-fp32", "trt-fp16", "trt-int8", *({"ov", "ov-bf16"} - ov_here)}
+    assert set(skipped) == {"ort-int8", "ov-int8", "ov-int8-bf16", "trt-fp32", "trt-fp16", "trt-int8",
+                            *({"ov", "ov-bf16"} - ov_here)}
     assert "make calib MODEL=scarlet_a" in skipped["ort-int8"]
     assert all(why for why in skipped.values())
 
@@ -226,10 +230,14 @@ def test_run_rows_carry_ratios_work_and_sizes(tiny_run):
     macs = tiny_run["models"]["scarlet_a"]["macs"]["macs"]
     assert macs == 8 * 16 * 16 * 27 + 8 * 10
     for r in tiny_run["results"]:
-        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        if r["mode"] == "latency" or r["streams"] == 1:
+            assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        else:  # a throughput-mode call's per-batch averages are not latencies
+            assert r["p50_ms"] is None and r["streams"] == 2  # 2 threads: one stream each (ORT), OpenVINO's choice
         assert len(r["throughput_rounds"]) == 2
         assert r["gops"] == pytest.approx(2 * macs * r["throughput"] / 1e9)
-        assert r["peak_kind"] == "fp32" and r["pct_peak"] == pytest.approx(100 * r["gops"] / 50.0)
+        peak = {"ov-bf16": ("bf16", 70.0)}.get(r["backend"], ("fp32", 50.0))  # each row: its own precision's peak
+        assert r["peak_kind"] == peak[0] and r["pct_peak"] == pytest.approx(100 * r["gops"] / peak[1])
         assert r["size_mb"] > 0
         if r["backend"] == "torch":
             assert r["vs_torch"] == {"median": 1.0, "low": 1.0, "high": 1.0}
@@ -237,21 +245,26 @@ def test_run_rows_carry_ratios_work_and_sizes(tiny_run):
         assert lo <= med <= hi
     assert tiny_run["peak"]["fp32"]["gops"] == 50.0 and tiny_run["peak"]["fp32"]["samples_gops"] == [20.0, 50.0]
     assert tiny_run["peak"]["int8"]["gops"] == 40.0 and tiny_run["peak_invalid"] == []
+    assert tiny_run["peak"]["bf16"]["gops"] == 70.0 and tiny_run["peak_missing"] == {}
     json.dumps(tiny_run)  # the JSON report must serialise as is
 
 
 def test_markdown_table_has_one_row_per_measurement(tiny_run):
     md = breport.render_markdown(tiny_run)
-    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
-    assert table[0] == "| " + " | ".join(breport.TABLE_HEADERS) + " |"
-    assert len(table) == 1 + len(tiny_run["results"])
-    assert all(ln.count("|") == len(breport.TABLE_HEADERS) + 1 for ln in table)
+    lat, tput = md.split("Throughput mode (`infer_many`")
+    for text, headers, mode in ((lat, breport.TABLE_HEADERS, "latency"), (tput, breport.THROUGHPUT_HEADERS, "throughput")):
+        table = [ln for ln in text.splitlines() if ln.startswith("| ")]
+        assert table[0] == "| " + " | ".join(headers) + " |"
+        assert len(table) == 1 + sum(r["mode"] == mode for r in tiny_run["results"])
+        assert all(ln.count("|") == len(headers) + 1 for ln in table)
+    assert "| scarlet_a | ORT FP32 | 2 | 2 |" in tput and "| scarlet_a | PyTorch eager | 2 | 1 (= latency run) |" in tput
     assert tiny_run["environment"]["date"] in md and "Not measured:" in md
     assert "| scarlet_a | ORT FP32 | 2 |" in md
     assert "Machine peaks: FP32 50 GOP/s" in md and "INT8 40 GOP/s" in md
     assert f"CPU ISA: {tiny_run['environment']['machine']['isa']}" in md
     if tiny_run["settings"]["openvino"]:  # the OpenVINO settings a reader needs to reproduce its rows
-        assert "OpenVINO (CPU): INFERENCE_NUM_THREADS 1, PERFORMANCE_HINT LATENCY, ENABLE_CPU_PINNING off" in md
+        assert "OpenVINO (CPU): INFERENCE_NUM_THREADS 2, PERFORMANCE_HINT LATENCY, ENABLE_CPU_PINNING off" in md
+        assert "PERFORMANCE_HINT THROUGHPUT and keeps optimal_number_of_infer_requests requests" in md
 
 
 def test_a_backend_faster_than_its_peak_gets_no_share_and_a_note(tiny_run):
@@ -259,8 +272,9 @@ def test_a_backend_faster_than_its_peak_gets_no_share_and_a_note(tiny_run):
             "peak_invalid": ["scarlet_a ort"]}
     md = breport.render_markdown(data)
     assert "No % peak for scarlet_a ort: they ran faster than the measured peak" in md
-    rows = [ln.split(" | ") for ln in md.splitlines() if ln.startswith("| scarlet_a")]
-    assert rows and all(cells[breport.TABLE_HEADERS.index("% peak")] == "-" for cells in rows)
+    rows = [ln.rstrip(" |").split(" | ") for ln in md.splitlines() if ln.startswith("| scarlet_a")]
+    assert rows and all(cells[(breport.TABLE_HEADERS if len(cells) == len(breport.TABLE_HEADERS)
+                               else breport.THROUGHPUT_HEADERS).index("% peak")] == "-" for cells in rows)
 
 
 def test_plot_writes_a_png(tiny_run, tmp_path):
@@ -325,7 +339,7 @@ def test_tune_keeps_the_default_unless_a_setting_clearly_wins(tiny_build, monkey
                         lambda calls, *a, **k: {name: [[0.01, 0.01]] for name in calls})
     t = btune.tune_ort(tiny_build / "scarlet_a.onnx", 1, cfg, repeats=1, seconds=0.001, warmup_s=0)
     assert t["winner"] == t["default"] == {"threads": 1, "opt_level": "all", "execution_mode": "sequential",
-                                           "memory_arena": True}
+                                           "memory_arena": True, "threads_per_stream": None}
     assert t["gain_over_default"] == pytest.approx(1.0)
 
 
@@ -357,7 +371,7 @@ def test_a_backend_that_cannot_run_a_batch_is_skipped_with_the_reason(tiny_build
     monkeypatch.setattr(brun, "open_runner", lambda *a, **k: _SmallProfileRunner())
     with tqdm(disable=True) as bar:
         rows, entry = brun.bench_model(plan, None, cfg, bar)
-    assert [(r["backend"], r["batch"]) for r in rows] == [("ort", 1)]
+    assert [(r["backend"], r["batch"], r["mode"]) for r in rows] == [("ort", 1, "latency"), ("ort", 1, "throughput")]
     assert entry["skipped"]["ort"].startswith("batch 2: batch 2 is outside")
 
 
@@ -494,3 +508,39 @@ def test_profile_groups_kernel_time_by_operator_type(tiny_build, tmp_path, capsy
     assert all(n["share_pct"] <= shares[n["op_type"]] + 1e-9 for n in report["nodes"])
     assert cli.main(["profile", "--onnx", str(tmp_path / "missing.onnx")]) == 2
     assert "scarlet export" in capsys.readouterr().err
+
+
+def test_a_row_without_a_peak_of_its_precision_gets_no_share_and_the_reason(tiny_build, tmp_path, monkeypatch):
+    mp_samples = {"fp32": 50.0, "int8": 40.0}
+    from scarlet_deploy.runtime.peak import Peak
+
+    monkeypatch.setattr(brun, "load_baseline", lambda name: SimpleNamespace(model=_TinyNet()))
+    monkeypatch.setattr(brun, "peak_unavailable", lambda k: "no BF16 peak: no native bf16" if k == "bf16" else None)
+    monkeypatch.setattr(brun, "measure_peak", lambda kind, seconds, threads: Peak(mp_samples[kind], kind, 8, threads, seconds, "fake"))
+    backends = ["ort"] + (["ov-bf16"] if ov_unavailable("ov-bf16") is None else [])
+    cfg = bplan.BenchConfig(models=["scarlet_a"], backends=backends, batches=[1], modes=["latency"], threads=1,
+                            build_dir=tiny_build, repeats=1, seconds=0.01, warmup_s=0, memory=False, peak_seconds=0.01,
+                            reports_dir=tmp_path)
+    data = brun.run_bench(cfg)
+    assert set(data["peak"]) == {"fp32", "int8"} and data["peak_missing"] == {"bf16": "no BF16 peak: no native bf16"}
+    assert {r["mode"] for r in data["results"]} == {"latency"}
+    md = breport.render_markdown(data)
+    assert "No BF16 peak: no native bf16." in md  # the reason beside the peaks
+    for r in data["results"]:
+        if r["backend"] == "ov-bf16":  # a bf16 row is never a share of the FP32 peak
+            assert r["peak_kind"] == "bf16" and r["pct_peak"] is None
+            assert "No % peak for scarlet_a OpenVINO BF16: no BF16 peak: no native bf16." in md
+        else:
+            assert r["pct_peak"] is not None
+
+
+def test_one_stream_runners_throughput_row_is_their_latency_run_and_the_best_path_is_named(tiny_run):
+    rows = {(r["backend"], r["batch"], r["mode"]): r for r in tiny_run["results"]}
+    eager_lat, eager_tput = rows[("torch", 2, "latency")], rows[("torch", 2, "throughput")]
+    assert eager_tput["streams"] == 1 and eager_tput["throughput_rounds"] == eager_lat["throughput_rounds"]
+    assert rows[("ort", 2, "throughput")]["streams"] == 2
+    assert tiny_run["models"]["scarlet_a"]["throughput_streams"]["ort"] == {"1": 2, "2": 2}
+    lines = breport.speed_lines(tiny_run)
+    best = max((r for r in tiny_run["results"] if r["batch"] == 2 and r["backend"] != "torch"), key=lambda r: r["throughput"])
+    assert len(lines) == 1 and f"best throughput at batch 2: " in lines[0] and f"{best['throughput']:.0f} img/s" in lines[0]
+    assert "ORT FP32's" in lines[0] and "best batch-1 p50" in lines[0]

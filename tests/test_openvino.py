@@ -73,7 +73,7 @@ def test_without_openvino_every_ov_backend_is_skipped_not_an_error(monkeypatch, 
 
 
 def test_verify_names_a_runtime_it_does_not_know():
-    with pytest.raises(ScarletError, match="unknown --backends ov-int8; choose from ort, ov, ov-bf16"):
+    with pytest.raises(ScarletError, match="unknown --backends ov-int8; choose from ort, ov, ov-bf16, ov-int8-bf16"):
         vdisc.available_runtimes(["ort", "ov-int8"])
 
 
@@ -99,7 +99,8 @@ def test_a_model_calibrated_for_openvino_is_verified_on_openvino_only(tmp_path):
     notes: list[str] = []
     got = [b.backend for r in ("ort", "ov", "ov-bf16") for b in vdisc.on_runtime([f], r, notes)]
     assert got == ["ov-int8"]
-    assert notes[0] == "m.int8-ov.onnx not run on ort: it was calibrated for OpenVINO (--target ov); it runs as ov-int8"
+    assert notes[0] == ("m.int8-ov.onnx not run on ort: it was calibrated for OpenVINO (--target ov); "
+                        "it runs as ov-int8 and ov-int8-bf16")
 
 
 def test_without_openvino_the_ov_target_is_refused_before_any_work_and_make_calib_leaves_it_out(monkeypatch):

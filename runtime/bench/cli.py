@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scarlet_deploy.runtime.bench.plan import BACKENDS, BenchConfig
+from scarlet_deploy.runtime.bench.plan import BACKENDS, MODES, BenchConfig
 from scarlet_deploy.runtime.bench.plot import plot
 from scarlet_deploy.runtime.bench.readme import README_BEGIN, README_END, update_readme
 from scarlet_deploy.runtime.bench.report import render_markdown
@@ -19,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--backends", type=cli_types.csv_of(str), default=list(BACKENDS),
                    help="subset of " + ",".join(BACKENDS) + " (unavailable ones are skipped with a reason)")
     p.add_argument("--batch", type=cli_types.csv_of(cli_types.positive_int), default=[1, 8], help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--modes", type=cli_types.csv_of(str), default=list(MODES),
+                   help="latency (infer, one batch at a time: p50/p90/p99) and/or throughput (infer_many, "
+                        "batches in flight on every stream: img/s); default both")
     p.add_argument("--threads", type=cli_types.positive_int, default=None,
                    help="CPU threads for PyTorch, onnxruntime and OpenVINO (default: physical cores)")
     p.add_argument("--build-dir", type=Path, default=Path("build"))
@@ -44,7 +47,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    cfg = BenchConfig(models=args.models, backends=args.backends, batches=args.batch, threads=args.threads,
+    cfg = BenchConfig(models=args.models, backends=args.backends, batches=args.batch, modes=args.modes, threads=args.threads,
                       build_dir=args.build_dir, engines=args.engine, repeats=args.repeats, seconds=args.seconds,
                       warmup_s=args.warmup, memory=args.memory, tune=args.tune, calibrate=args.calibrate_missing,
                       torch_channels_last=args.channels_last,

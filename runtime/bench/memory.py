@@ -33,7 +33,7 @@ def _reset_hwm() -> bool:
 def _probe(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs in a fresh interpreter: peak RSS growth of loading and running one backend."""
     backend = spec["backend"]
-    if backend == "torch":
+    if backend.startswith("torch"):
         import torch  # noqa: F401  (imported before the baseline: library code is not the model's memory)
     elif backend.startswith("ov"):
         import openvino  # noqa: F401
@@ -41,7 +41,7 @@ def _probe(spec: dict[str, Any]) -> dict[str, Any]:
         import onnxruntime  # noqa: F401
     base = _status_kb()["VmRSS"]
     reset = _reset_hwm()
-    if backend == "torch":  # same architecture and tensor sizes as the trained model; values do not matter
+    if backend.startswith("torch"):  # same architecture and tensor sizes as the trained model; values do not matter
         from scarlet_deploy.export.registry import get_spec
 
         module = torch_module(get_spec(spec["model"]).create(), spec["channels_last"])

@@ -11,16 +11,23 @@ from scarlet_deploy.runtime.core.host import physical_cores
 from scarlet_deploy.runtime.core.onnx_io import read_io
 from scarlet_deploy.runtime.runners.openvino import OV_BACKENDS, ov_unavailable
 from scarlet_deploy.runtime.runners.ort import OrtOptions
+from scarlet_deploy.runtime.runners.pytorch import COMPILE_BACKENDS, torch_compile_unavailable
 
-BACKENDS = ("torch", "ort", "ort-int8", *OV_BACKENDS, "trt-fp32", "trt-fp16", "trt-int8")
+BACKENDS = ("torch", *COMPILE_BACKENDS, "ort", "ort-int8", *OV_BACKENDS, "trt-fp32", "trt-fp16", "trt-int8")
 
 
-BACKEND_LABELS = {"torch": "PyTorch eager", "ort": "ORT FP32", "ort-int8": "ORT INT8",
+BACKEND_LABELS = {"torch": "PyTorch eager", "torch-compile": "PyTorch compile FP32",
+                  "torch-compile-bf16": "PyTorch compile BF16", "ort": "ORT FP32", "ort-int8": "ORT INT8",
                   "ov": "OpenVINO FP32", "ov-bf16": "OpenVINO BF16", "ov-int8": "OpenVINO INT8",
+                  "ov-int8-bf16": "OpenVINO INT8+BF16",
                   "trt-fp32": "TensorRT FP32", "trt-fp16": "TensorRT FP16", "trt-int8": "TensorRT INT8"}
 
 
 REFERENCES = ("torch", "ort")  # every row gets a speed-up against these two
+
+# latency: `infer`, one batch at a time, every core on it (p50/p90/p99); throughput: `infer_many`,
+# as many batches in flight as the runner has streams (img/s). See runtime.runners.base.
+MODES = ("latency", "throughput")
 
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
@@ -31,6 +38,7 @@ class BenchConfig:
     models: list[str] = field(default_factory=lambda: ["scarlet_a", "scarlet_b", "scarlet_c", "efficientnet_lite0"])
     backends: list[str] = field(default_factory=lambda: list(BACKENDS))
     batches: list[int] = field(default_factory=lambda: [1, 8])
+    modes: list[str] = field(default_factory=lambda: list(MODES))
     threads: int | None = None  # None: physical cores, for torch, onnxruntime and OpenVINO alike
     build_dir: Path = Path("build")
     engines: list[Path] = field(default_factory=list)
@@ -56,6 +64,8 @@ class BenchConfig:
             raise ScarletError(f"unknown backend(s) {', '.join(bad)}; choose from {', '.join(BACKENDS)}.")
         if not self.batches or any(b < 1 for b in self.batches):
             raise ScarletError(f"batch sizes must be positive integers, got {self.batches}.")
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise ScarletError(f"modes must be some of {', '.join(MODES)}, got {self.modes}.")
         if self.repeats < 1 or self.seconds <= 0:
             raise ScarletError("--repeats must be >= 1 and --seconds > 0.")
         self.batches = sorted(set(self.batches))
@@ -120,7 +130,7 @@ def trt_unavailable() -> str | None:
 
 
 # The calibration target whose Q/DQ ONNX each INT8 backend runs: the one made for its runtime
-INT8_TARGETS = {"ort-int8": "ort", "ov-int8": "ov"}
+INT8_TARGETS = {"ort-int8": "ort", "ov-int8": "ov", "ov-int8-bf16": "ov"}
 
 
 def calibrate_int8(model: str, target: str, cfg: BenchConfig) -> None:
@@ -143,10 +153,11 @@ def plan_model(model: str, cfg: BenchConfig, loaded=None) -> ModelPlan:
     skipped: dict[str, str] = {}
     trt_reason = trt_unavailable() if any(b.startswith("trt-") for b in cfg.backends) else None
     for b in cfg.backends:
-        why_not = ov_unavailable(b) if b in OV_BACKENDS else None
+        why_not = ov_unavailable(b) if b in OV_BACKENDS else \
+            torch_compile_unavailable(b) if b in COMPILE_BACKENDS else None
         if why_not:
             skipped[b] = why_not
-        elif b == "torch":
+        elif b.startswith("torch"):
             arts[b] = Artifact(b, None, 0.0)  # size filled in once the model is built
         elif b in ("ort", "ov", "ov-bf16"):
             arts[b] = Artifact(b, onnx_path, _mb(onnx_path))

@@ -54,10 +54,24 @@ def _batching_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=positive_int, default=32, help="largest dynamic batch (default 32)")
     p.add_argument("--max-queue-delay-us", type=nonneg_int, default=2000,
                    help="how long Triton may hold a request to grow a batch (default 2000 us)")
-    p.add_argument("--instances", type=positive_int, default=1, help="model instances (stub processes) per model (default 1)")
+    p.add_argument("--instances", type=positive_int, default=None,
+                   help="model instances per model (default: on CPU one per throughput-mode stream, as "
+                        "`scarlet bench` measures onnxruntime's throughput mode, each with its share of the cores; "
+                        "on a GPU 1)")
+
+
+def default_instances(gpu: bool, cores: int) -> int:
+    """Triton instances: a CPU model gets one per throughput-mode stream (concurrent batches on
+    their own cores, as OrtRunner.infer_many runs them); a GPU one, one."""
+    from scarlet_deploy.runtime.runners.ort import throughput_plan
+
+    return 1 if gpu else throughput_plan(cores)[0]
 
 
 def _batching(args: argparse.Namespace) -> Batching:
+    if args.instances is None:
+        args.instances = default_instances(bool(getattr(args, "engine", None) or getattr(args, "gpu", False)),
+                                           physical_cores())
     return Batching(args.max_batch, args.max_queue_delay_us, args.instances)
 
 
@@ -85,10 +99,11 @@ def _package_args(args: argparse.Namespace) -> None:
 def _serve_request(args: argparse.Namespace) -> ServeRequest:
     _package_args(args)
     name = model_name(args)
+    batching = _batching(args)
     return ServeRequest(Path(args.onnx), name, Path(args.engine) if args.engine else None,
                         model=args.preprocess_model or (name if name in MODELS else None), backend=args.backend,
                         # Instances split the cores between them rather than each taking all of them.
-                        threads=args.threads or max(1, physical_cores() // args.instances), batching=_batching(args))
+                        threads=args.threads or max(1, physical_cores() // batching.instances), batching=batching)
 
 
 def _artifact_args(p: argparse.ArgumentParser, onnx_required: bool = True) -> None:

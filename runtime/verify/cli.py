@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp16-min-agreement", type=cli_types.fraction, default=t.fp16_min_agreement)
     p.add_argument("--int8-min-agreement", type=cli_types.fraction, default=t.int8_min_agreement)
     p.add_argument("--bf16-min-agreement", type=cli_types.fraction, default=t.bf16_min_agreement, help="for FP32 ONNX on ov-bf16")
+    p.add_argument("--int8-bf16-min-agreement", type=cli_types.fraction, default=t.int8_bf16_min_agreement,
+                   help="for the OpenVINO-calibrated INT8 ONNX on ov-int8-bf16 (float parts in bf16)")
     p.add_argument("--json", help="write the full report (every number, manifests, versions) here")
     p.add_argument("--markdown", help="write the markdown report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit, batch=64 if batch is None else batch,
         workers=args.workers, threads=args.threads, pipeline_parity=args.pipeline_parity,
         thresholds=Thresholds(args.fp32_max_rel_error, args.fp32_min_agreement, args.fp16_min_agreement,
-                              args.int8_min_agreement, args.bf16_min_agreement),
+                              args.int8_min_agreement, args.bf16_min_agreement, args.int8_bf16_min_agreement),
         progress=not args.quiet, device=args.device or "cpu", gpu_id=args.gpu_id or 0, cache_dir=args.cache_dir,
         reference_cache=args.reference_cache, resume=args.resume, chunk_images=args.chunk_images,
         reference_only=seed_style)

@@ -26,6 +26,9 @@ class Thresholds:
     int8_min_agreement: float = 0.95
     # bf16 keeps 8 significant bits where fp16 keeps 11: its own floor, below fp16's.
     bf16_min_agreement: float = 0.98
+    # An INT8 model whose float parts run in bf16 (ov-int8-bf16): INT8's floor, gated apart from
+    # ov-int8 so that a bf16 loss shows as this row failing while the f32-float-parts row passes.
+    int8_bf16_min_agreement: float = 0.95
 
     def __post_init__(self) -> None:
         for name, v in asdict(self).items():  # a NaN threshold makes every comparison with it False
@@ -36,7 +39,8 @@ class Thresholds:
         if precision == "fp32":
             rule = f"agree >= {self.fp32_min_agreement:.2%}, rel err <= {self.fp32_max_rel_error:g}"
             return agreement >= self.fp32_min_agreement and rel_error <= self.fp32_max_rel_error, rule
-        floor = {"fp16": self.fp16_min_agreement, "bf16": self.bf16_min_agreement}.get(precision, self.int8_min_agreement)
+        floor = {"fp16": self.fp16_min_agreement, "bf16": self.bf16_min_agreement,
+                 "int8-bf16": self.int8_bf16_min_agreement}.get(precision, self.int8_min_agreement)
         return agreement >= floor, f"agree >= {floor:.2%}"
 
 

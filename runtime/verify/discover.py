@@ -20,7 +20,7 @@ class Backend:
     name: str
     kind: str  # one of ONNX_RUNTIMES (an INT8 ONNX on ort or ov is bench's ort-int8 or ov-int8), or trt
     path: Path
-    precision: str  # fp32 | fp16 | int8, or bf16 for an FP32 ONNX on ov-bf16
+    precision: str  # fp32 | fp16 | int8, bf16 for an FP32 ONNX on ov-bf16, int8-bf16 on ov-int8-bf16
     manifest: dict[str, Any] | None
 
     @property
@@ -28,7 +28,7 @@ class Backend:
         """The name bench uses for this runtime and artifact: ort, ort-int8, ov, ov-int8, ov-bf16, trt-fp16, ..."""
         if self.kind == "trt":
             return f"trt-{self.precision}"
-        return self.kind if self.precision in ("fp32", "bf16") else f"{self.kind}-{self.precision}"
+        return self.kind if self.precision in ("fp32", "bf16", "int8-bf16") else f"{self.kind}-{self.precision}"
 
 
 def _origin(manifest: dict[str, Any] | None) -> dict[str, Any]:
@@ -145,7 +145,7 @@ def resolve_backends(cfg: VerifyConfig, loaded) -> tuple[list[Backend], list[str
     engines = [describe_backend(p, "trt") for p in cfg.engines]
     for b in engines:
         check_weights(b, loaded.name, loaded.let, loaded.checkpoint_sha256)
-    order = ("fp32", "bf16", "fp16", "int8")
+    order = ("fp32", "bf16", "fp16", "int8", "int8-bf16")
     backends.sort(key=lambda b: (runtimes.index(b.kind), order.index(b.precision)))
     engines.sort(key=lambda b: order.index(b.precision))
     if not backends and not engines and (paths or not cfg.reference_only):  # a PASS with nothing compared would be a lie
@@ -172,16 +172,23 @@ def available_runtimes(requested: list[str]) -> tuple[list[str], list[str]]:
 def on_runtime(files: list[Backend], runtime: str, notes: list[str]) -> list[Backend]:
     """Each ONNX as a backend of `runtime`; ov-bf16 takes only FP32 files (it lowers their float ops to bf16),
     and a Q/DQ model calibrated for OpenVINO (`--target ov`) runs on ov alone: its float convolutions
-    between Q/DQ pairs are OpenVINO's fusion pattern, which onnxruntime would run in float."""
+    between Q/DQ pairs are OpenVINO's fusion pattern, which onnxruntime would run in float.
+    ov-int8-bf16 takes only that OpenVINO-calibrated model (its float parts in bf16)."""
     out = []
     for f in files:
-        if (f.manifest or {}).get("target") == "ov" and runtime != "ov":
-            notes.append(f"{f.name} not run on {runtime}: it was calibrated for OpenVINO (--target ov); it runs as ov-int8")
+        for_ov = (f.manifest or {}).get("target") == "ov"
+        if for_ov and runtime not in ("ov", "ov-int8-bf16"):
+            notes.append(f"{f.name} not run on {runtime}: it was calibrated for OpenVINO (--target ov); "
+                         "it runs as ov-int8 and ov-int8-bf16")
             continue
         if runtime == "ov-bf16" and f.precision != "fp32":
             notes.append(f"{f.name} not run on ov-bf16: it is {f.precision}, and ov-bf16 lowers the float ops of an FP32 ONNX")
             continue
-        precision = "bf16" if runtime == "ov-bf16" else f.precision
+        if runtime == "ov-int8-bf16" and not for_ov:
+            notes.append(f"{f.name} not run on ov-int8-bf16: it takes the INT8 model calibrated for OpenVINO "
+                         "(`make calib CALIB_ARGS=\"--targets ov\"`)")
+            continue
+        precision = {"ov-bf16": "bf16", "ov-int8-bf16": "int8-bf16"}.get(runtime, f.precision)
         name = f.name if runtime == "ort" else f"{f.name} on {runtime}"
         out.append(Backend(name, runtime, f.path, precision, f.manifest))
     return out
