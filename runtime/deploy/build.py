@@ -103,3 +103,14 @@ def int8(bench, fp32: Path, s: Int8Settings) -> Path:
         "method": r.method, "nodes_kept_float": r.manifest.get("nodes_kept_float", []),
         "bias_correction": r.manifest.get("bias_correction")})
     return path
+
+
+def trt_plan(fp32: Path, precision: str, batch: int, int8_onnx: Path | None = None) -> tuple[Path, bool]:
+    """A TensorRT 11 plan beside the FP32 ONNX (GPU machines only): FP16 from the FP16 conversion TensorRT's
+    strong typing needs, INT8 from the `trt`-target Q/DQ ONNX; reused by trt_build when current."""
+    from scarlet_deploy.export.trt_build import BatchProfile, EngineConfig, build_engine
+
+    plan = fp32.with_name(fp32.name.removesuffix(".onnx") + f".{precision}.plan")
+    r = build_engine(EngineConfig(onnx=fp32, precision=precision, output=plan, int8_onnx=int8_onnx,
+                                  batch=BatchProfile(1, batch, max(batch, 32)), timing_cache=fp32.parent / "timing.cache"))
+    return r.plan, r.reused

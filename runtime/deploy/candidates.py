@@ -27,7 +27,7 @@ class Candidate:
     @property
     def serve_backend(self) -> str:
         """`scarlet serve`'s --backend: OpenVINO runs a Q/DQ ONNX as INT8 under plain `ov`."""
-        return {"ov-bf16": "ov-bf16"}.get(self.name, "ov" if self.runtime == "openvino" else "ort")
+        return {"ov-bf16": "ov-bf16", "ov-int8-bf16": "ov-int8-bf16"}.get(self.name, "ov" if self.runtime == "openvino" else "ort")
 
 
 # Order matters twice: within a precision tier the earlier candidate wins a tie within noise, and
@@ -39,6 +39,7 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("ort-fp16", "fp16", "onnxruntime", "fp16", "onnxruntime, FP16 ONNX (float32 I/O)"),
     Candidate("ort-int8", "int8", "onnxruntime", "int8-ort", "onnxruntime INT8 kernels, Q/DQ ONNX (target ort)"),
     Candidate("ov-int8", "int8", "openvino", "int8-ov", "OpenVINO INT8 kernels, Q/DQ ONNX (target ov), float ops f32"),
+    Candidate("ov-int8-bf16", "int8", "openvino", "int8-ov", "OpenVINO INT8 kernels, Q/DQ ONNX (target ov), float ops in bf16"),
     Candidate("trt-fp16", "fp16", "tensorrt", "plan-fp16", "TensorRT 11 plan from the FP16 ONNX (GPU)"),
     Candidate("trt-int8", "int8", "tensorrt", "plan-int8", "TensorRT 11 plan from the Q/DQ ONNX (target trt, GPU)"),
 )

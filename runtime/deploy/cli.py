@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-agreement", type=float_range(0.0, 100.0), default=97.0,
                    help="percent of verification images whose top-1 equals PyTorch's (default 97)")
     p.add_argument("--backends", type=csv_of(str), help="comma-separated candidates to consider (default: every one "
-                                                         "this machine runs): ort,ov,ov-bf16,ort-fp16,ort-int8,ov-int8,trt-fp16,trt-int8")
+                                                         "this machine runs): ort,ov,ov-bf16,ort-fp16,ort-int8,ov-int8,ov-int8-bf16,trt-fp16,trt-int8")
     p.add_argument("-o", "--output", help="package folder (default deploy/MODEL); an older package there is replaced "
                                           "only once the new one has passed its own check")
     p.add_argument("--work-dir", default="build/deploy", help="reusable artifacts (default build/deploy)")

@@ -97,7 +97,10 @@ def write(cfg, chosen, data: dict[str, Any], pixels: list[np.ndarray], split, la
         names = relative_names(split.eval[:n])
         golden.write(tmp, pixels, names, list(labels[:n]) if labels is not None else [-1] * n, pre, ref, deployed,
                      thresholds)
-        write_triton_repository(ExportRequest(tmp / artifact.name, tmp / "triton", cfg.model, backend=c.triton_backend))
+        if c.runtime == "tensorrt":  # the repository reads input/output names and dims from the ONNX the plan came from
+            write_triton_repository(ExportRequest(fp32, tmp / "triton", cfg.model, engine=tmp / artifact.name))
+        else:
+            write_triton_repository(ExportRequest(tmp / artifact.name, tmp / "triton", cfg.model, backend=c.triton_backend))
         data["package"] = {"artifact": artifact.name, "backend": c.name, "precision": c.precision, "runtime": c.runtime,
                            "serve_name": cfg.model, "serve_backend": c.serve_backend, "triton_backend": c.triton_backend,
                            "golden": thresholds | {"images": n}}

@@ -48,7 +48,10 @@ def _speed_cell(r: dict[str, Any], objective: str) -> str:
     s = r.get("speed")
     if not s:
         return ""
-    return f"{s['img_s']:.1f} img/s" if objective == "throughput" else f"{s['p50_ms']:.2f} / {s['p99_ms']:.2f} ms"
+    if objective == "throughput":
+        streams = s.get("streams") or 1
+        return f"{s['img_s']:.1f} img/s" + (f" ({streams} streams)" if streams > 1 else "")
+    return f"{s['p50_ms']:.2f} / {s['p99_ms']:.2f} ms"
 
 
 def _ratio(r: dict[str, Any], key: str) -> str:

@@ -256,6 +256,8 @@ def _build_all(cfg: DeployConfig, rows: list[Row], loaded, fp32: Path, images: P
     """Each available candidate's artifact; a failure is that candidate's verdict, not the deploy's."""
     need_int8 = {r.candidate.artifact.removeprefix("int8-") for r in rows
                  if r.status == "pending" and r.candidate.artifact.startswith("int8-")}
+    if any(r.status == "pending" and r.candidate.artifact == "plan-int8" for r in rows):
+        need_int8.add("trt")  # TensorRT builds its INT8 plan from the trt-target Q/DQ ONNX
     settings = {t: build.Int8Settings(t, cfg.num_calib, cfg.num_select, cfg.seed, str(Path(images).resolve()), trained,
                                       cfg.gates.max_top1_drop if trained else None,
                                       cfg.gates.min_agreement if trained else None) for t in need_int8}
@@ -270,8 +272,8 @@ def _build_all(cfg: DeployConfig, rows: list[Row], loaded, fp32: Path, images: P
                 r.artifact, r.reused = fp32, True
             elif c.artifact == "fp16":
                 r.artifact, r.reused = build.fp16(fp32, fp32.parent)
-            elif c.artifact.startswith("int8-"):
-                t = c.artifact.removeprefix("int8-")
+            elif c.artifact.startswith("int8-") or c.artifact == "plan-int8":
+                t = "trt" if c.artifact == "plan-int8" else c.artifact.removeprefix("int8-")
                 if built_int8[t] is None:
                     if bench is None:
                         from scarlet_deploy.calib import pipeline
@@ -285,8 +287,12 @@ def _build_all(cfg: DeployConfig, rows: list[Row], loaded, fp32: Path, images: P
                 else:
                     r.reused = True
                 r.artifact = built_int8[t]
+                if c.artifact == "plan-int8":
+                    r.artifact, r.reused = build.trt_plan(fp32, "int8", cfg.batch, built_int8[t])
+            elif c.artifact == "plan-fp16":
+                r.artifact, r.reused = build.trt_plan(fp32, "fp16", cfg.batch)
             else:
-                r.status, r.why = "unavailable", "not built by deploy: build TensorRT plans with `scarlet gpu-check`"
+                raise ScarletError(f"no builder for {c.artifact}")
         except ScarletError as e:
             r.status, r.why = "error", f"could not be built: {e}"
 
@@ -319,11 +325,14 @@ def _time_all(cfg: DeployConfig, rows: list[Row], runners: dict[str, Any], torch
     """Every runnable candidate and PyTorch eager, interleaved in one run at the objective."""
     from tqdm import tqdm
 
-    from scarlet_deploy.runtime.measure import measure_interleaved, wall_timer
+    from scarlet_deploy.runtime.measure import measure_interleaved, throughput_timer, wall_timer
 
     batch = cfg.batch if cfg.objective == "throughput" else 1
     xb = np.random.default_rng(cfg.seed).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-    calls = {name: wall_timer(r, xb) for name, r in runners.items()}
+    # throughput: each runtime's throughput mode (OpenVINO's streams and request queue, onnxruntime's
+    # sessions per stream), as the package is served; latency: one request at a time
+    timer = throughput_timer if cfg.objective == "throughput" else wall_timer
+    calls = {name: timer(r, xb) for name, r in runners.items()}
     calls["torch"] = wall_timer(torch_runner, xb)
     with tqdm(total=cfg.repeats * len(calls), desc=f"timing {len(calls)} backends ({cfg.objective}, batch {batch})",
               unit="round", leave=False) as bar:
@@ -331,6 +340,7 @@ def _time_all(cfg: DeployConfig, rows: list[Row], runners: dict[str, Any], torch
     for r in rows:
         if r.candidate.name in times:
             r.speed = _speed(times[r.candidate.name], batch, cfg.objective)
+            r.speed["streams"] = runners[r.candidate.name].streams(batch) if cfg.objective == "throughput" else 1
     torch_speed = _speed(times["torch"], batch, cfg.objective)
     for r in rows:
         if r.speed:
@@ -354,5 +364,8 @@ def _speed(rounds: list[list[float]], batch: int, objective: str) -> dict[str, A
     s = CellStats.from_rounds(rounds, batch)
     # higher is better for the decision: images/s per round, or 1/median latency per round
     per_round = s.throughput_rounds if objective == "throughput" else [1.0 / float(np.median(r)) for r in rounds]
-    return {"batch": batch, "img_s": s.throughput, "p50_ms": s.p50_ms, "p90_ms": s.p90_ms, "p99_ms": s.p99_ms,
+    # in throughput mode the per-call figures are per-batch averages, not latencies: p50/p99 only for latency
+    lat = objective == "latency"
+    return {"batch": batch, "img_s": s.throughput, "p50_ms": s.p50_ms if lat else None,
+            "p90_ms": s.p90_ms if lat else None, "p99_ms": s.p99_ms if lat else None,
             "spread_pct": s.spread_pct, "calls": s.calls, "rounds": per_round}

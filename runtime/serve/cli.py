@@ -91,6 +91,9 @@ def _package_args(args: argparse.Namespace) -> None:
         raise ScarletError(f"package {root} is not what `scarlet deploy` wrote: {'; '.join(problems)}. "
                            "Copy it again or make it again with `scarlet deploy`.")
     pkg = read_deploy(root)["package"]
+    if pkg.get("runtime") == "tensorrt":
+        raise ScarletError(f"{root} holds a TensorRT plan: serve it on the GPU machine with "
+                           f"`tritonserver --model-repository={root / 'triton'}`.")
     args.onnx = str(root / pkg["artifact"])
     args.backend = pkg["serve_backend"]
     args.model = args.model or pkg["serve_name"]

@@ -170,7 +170,7 @@ def write_labels(model_dir: Path) -> None:
 
 # Which Triton backend runs an ONNX in a user's own Triton; `scarlet serve` runs both through our runners instead.
 TRITON_ONNX_BACKENDS = ("ort", "ov")
-SERVE_BACKENDS = ("ort", "ov", "ov-bf16")
+SERVE_BACKENDS = ("ort", "ov", "ov-bf16", "ov-int8-bf16")
 
 
 @dataclass(frozen=True)
