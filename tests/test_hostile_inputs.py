@@ -709,3 +709,156 @@ def test_sigterm_is_an_interruption_with_no_leftovers(files, val_dir, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     assert not list(tmp.glob("scarlet-*")) and not out.exists() and not manifest_path(out).exists()
+
+
+# ----------------------------------------------------------------------------- 7. state read back is checked
+
+def _journal_rows(pos: list[int]) -> dict[str, np.ndarray]:
+    return {"pos": np.asarray(pos), "ref_top1": np.asarray(pos, np.int64), "why": np.asarray([""] * len(pos))}
+
+
+JOURNAL_COLUMNS = ["pos", "ref_top1", "why", "t.wall"]
+
+
+def _rewrite_chunk(path: Path, edit, keep_checksum: bool = True) -> None:
+    """Load a chunk, edit it as a person with numpy would, save it back (its stored sha256 unchanged unless told)."""
+    from scarlet_deploy.runtime.verify.journal import chunk_sha256
+
+    with np.load(path) as z:
+        chunk = {k: z[k] for k in z.files}
+    edit(chunk)
+    if not keep_checksum:  # what only the column check can catch: a consistent checksum over the wrong columns
+        chunk["sha256"] = np.asarray(chunk_sha256(path.parent.name, chunk))
+    with open(path, "wb") as f:
+        np.savez(f, **chunk)
+
+
+def test_an_edited_journal_chunk_is_dropped_and_recomputed(tmp_path):
+    """Before: a value edited in a chunk was trusted on --resume (a passing model was reported FAIL)."""
+    from scarlet_deploy.runtime.verify.journal import Journal
+
+    ident = {"reference_key": "k", "backends": []}
+    j = Journal(tmp_path, ident, resume=False, columns=JOURNAL_COLUMNS)
+    j.append(_journal_rows([0, 1]), {"t.wall": 1.0})
+    j.append(_journal_rows([2, 3]), {"t.wall": 1.0})
+    j.close()
+    first = sorted(j.folder.glob("chunk-*.npz"))[0]
+
+    def flip(c):
+        c["ref_top1"][1] = 999
+
+    _rewrite_chunk(first, flip)
+    r = Journal(tmp_path, ident, resume=True, columns=JOURNAL_COLUMNS)
+    assert r.done_positions() == {2, 3}, "the edited chunk's images must run again"
+    assert any("dropped chunk-000001.npz" in n and "sha256 does not match" in n for n in r.notes), r.notes
+    assert 999 not in r.columns()["ref_top1"]
+    r.close()
+
+
+@pytest.mark.parametrize("checksum", ["stale", "consistent"])
+def test_a_journal_chunk_missing_a_column_is_dropped_not_a_key_error(tmp_path, checksum):
+    from scarlet_deploy.runtime.verify.journal import Journal
+
+    ident = {"reference_key": "k", "backends": []}
+    j = Journal(tmp_path, ident, resume=False, columns=JOURNAL_COLUMNS)
+    j.append(_journal_rows([0, 1]), {"t.wall": 1.0})
+    j.append(_journal_rows([2]), {"t.wall": 1.0})
+    j.close()
+    # The sha256 is over the run's full digest; the folder holds its first 24 hex digits, so recompute with the full one.
+    from scarlet_deploy.runtime.verify.journal import chunk_sha256
+
+    last = sorted(j.folder.glob("chunk-*.npz"))[-1]
+    with np.load(last) as z:
+        chunk = {k: z[k] for k in z.files if k != "ref_top1"}
+    if checksum == "consistent":
+        chunk["sha256"] = np.asarray(chunk_sha256(j.digest, chunk))
+    with open(last, "wb") as f:
+        np.savez(f, **chunk)
+    r = Journal(tmp_path, ident, resume=True, columns=JOURNAL_COLUMNS)
+    why = "missing ['ref_top1']" if checksum == "consistent" else "sha256 does not match"
+    assert r.done_positions() == {0, 1} and any("dropped chunk-000002.npz" in n and why in n for n in r.notes), r.notes
+    r.append(_journal_rows([2]), {"t.wall": 1.0})
+    assert r.columns()["ref_top1"].tolist() == [0, 1, 2]
+    r.close()
+
+
+def test_a_second_run_of_the_same_check_is_refused_and_leaves_the_first_journal_alone(tmp_path):
+    """Before: a second verify started beside the first deleted the first's live journal as 'interrupted'."""
+    from scarlet_deploy.runtime.verify.journal import Journal
+
+    ident = {"reference_key": "k", "backends": []}
+    first = Journal(tmp_path, ident, resume=False)
+    first.append(_journal_rows([0, 1]), {"t.wall": 1.0})
+    chunk = next(first.folder.glob("chunk-*.npz"))
+    before = chunk.read_bytes()
+    for resume in (False, True):
+        with pytest.raises(ScarletError) as e:
+            Journal(tmp_path, ident, resume=resume)
+        text = str(e.value)
+        assert f"pid {os.getpid()}" in text and str(first.folder) in text and "\n" not in text
+    assert chunk.read_bytes() == before, "the live journal was touched"
+    first.append(_journal_rows([2]), {"t.wall": 1.0})  # the first run goes on
+    first.close()
+    later = Journal(tmp_path, ident, resume=True)  # once it has stopped, --resume continues it
+    assert later.done_positions() == {0, 1, 2}
+    later.finish()
+    assert not list(tmp_path.iterdir()), "a finished run leaves neither its journal nor its lock file"
+
+
+def _filled_reference(tmp_path: Path):
+    from scarlet_deploy.runtime.verify.reference_cache import ReferenceCache, ReferenceKey
+
+    key = ReferenceKey(model="scarlet_a", let=False, weights="sha256:" + "a" * 64, preprocess={"resize": 256},
+                       code="c" * 64, torch="2", images=3, image_list_sha256="i" * 64, classes=4)
+    cache = ReferenceCache(tmp_path)
+    w = cache.writer(key, keep_rows=False)
+    w.write([0, 1, 2], np.ones((3, 4), np.float32))
+    w.commit({1: "unreadable"}, {"device": "cpu", "images_per_s": 12.5}).close()
+    return cache, key
+
+
+@pytest.mark.parametrize("field,value", [
+    ("images_per_s", -12.5), ("images_per_s", 0), ("images_per_s", "NaN"), ("images_per_s", "Infinity"),
+    ("images_per_s", "fast"), ("images_per_s", True), ("skipped", {"one": "x"}), ("skipped", {"7": "x"}),
+    ("skipped", {"1": 5}), ("skipped", ["1"]), ("device", 5), ("created", ["today"]), (None, None)])
+def test_a_reference_meta_with_a_wrong_value_is_ignored_with_a_note(tmp_path, field, value):
+    """Before: images/s -12.5 printed a negative projected time; a string there (or an index that is not
+    one) was a TypeError/ValueError traceback."""
+    cache, key = _filled_reference(tmp_path)
+    meta_path = next(tmp_path.glob("*/meta.json"))
+    text = meta_path.read_text()
+    if field is None:  # JSON that is not an object
+        text = "[1, 2]"
+    else:
+        meta = json.loads(text)
+        meta[field] = value
+        text = json.dumps(meta)
+        if value in ("NaN", "Infinity"):  # what Python's json writes for them, and reads back as floats
+            text = text.replace(f'"{value}"', value)
+    meta_path.write_text(text)
+    hit, note = cache.lookup(key)
+    assert hit is None and "ignored the cached reference" in note and "recomputing it" in note, note
+    if field is not None:
+        assert field in note
+
+
+def test_a_good_reference_meta_still_passes(tmp_path):
+    cache, key = _filled_reference(tmp_path)
+    hit, note = cache.lookup(key)
+    assert note is None and hit.skipped == {1: "unreadable"} and hit.meta["images_per_s"] == 12.5
+    hit.close()
+
+
+# ----------------------------------------------------------------------------- 9. no leftovers
+
+def test_verify_of_unreadable_images_leaves_no_partial_reference_and_no_journal(files, tmp_path, capsys):
+    val = tmp_path / "val" / TENCH
+    val.mkdir(parents=True)
+    for i in range(3):
+        (val / f"bad{i}.JPEG").write_bytes(b"not a jpeg" * (i + 1))
+    cache = tmp_path / "cache"
+    rc, err = run_cli(capsys, ["verify", "--model", "efficientnet_lite0", "--onnx", files["onnx"], "--val-dir", val.parent,
+                               "--cache-dir", cache, "--workers", "0", "--quiet", "--chunk-images", "1"], [files["onnx"]])
+    assert_refused(rc, err, "none of the 3 images could be read")
+    assert (cache / "reference").is_dir() and not list((cache / "reference").iterdir())
+    assert not list((cache / "verify-resume").rglob("*")), list((cache / "verify-resume").rglob("*"))
