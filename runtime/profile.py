@@ -15,6 +15,7 @@ from pathlib import Path
 
 from scarlet_deploy.runtime.core import cli_types
 from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.host import check_batch_memory
 from scarlet_deploy.runtime.core.onnx_io import read_io
 from scarlet_deploy.runtime.core.paths import check_outputs
 from scarlet_deploy.runtime.runners.ort import OrtOptions, make_session
@@ -44,6 +45,7 @@ def kernel_times(onnx_path: str | os.PathLike, batch: int = 8, runs: int = 10, w
     if batch < 1 or runs < 1:
         raise ScarletError("--batch and --runs must be at least 1.")
     read_io(onnx_path)  # missing or not ONNX: one sentence, before onnxruntime's own message
+    check_batch_memory(batch, onnx_image_size(Path(onnx_path)))
     with tempfile.TemporaryDirectory(prefix="scarlet-profile-") as d:
         session = make_session(onnx_path, options, profile_prefix=str(Path(d) / "ort"))
         x = bench_input(batch, size=onnx_image_size(Path(onnx_path)))

@@ -862,3 +862,24 @@ def test_verify_of_unreadable_images_leaves_no_partial_reference_and_no_journal(
     assert_refused(rc, err, "none of the 3 images could be read")
     assert (cache / "reference").is_dir() and not list((cache / "reference").iterdir())
     assert not list((cache / "verify-resume").rglob("*")), list((cache / "verify-resume").rglob("*"))
+
+
+# ----------------------------------------------------------------------------- 6. memory refused from the request
+
+@pytest.mark.parametrize("command", ["profile", "bench"])
+def test_a_batch_beyond_the_memory_available_is_refused_before_any_work(files, tmp_path, capsys, command):
+    """Before: --batch 100000 allocated 56 GiB of input and ended in a MemoryError traceback (or the OOM killer)."""
+    argv = (["profile", "--onnx", files["onnx"], "--batch", "100000", "--runs", "1"] if command == "profile" else
+            ["bench", "--models", "efficientnet_lite0", "--backends", "ort", "--batch", "1,100000",
+             "--build-dir", tmp_path / "build"])
+    rc, err = run_cli(capsys, argv, [files["onnx"]], [tmp_path / "build"])
+    assert_refused(rc, err, "--batch 100000 needs about", "GiB available; pass --batch")
+
+
+def test_the_memory_estimate_lets_ordinary_batches_through(monkeypatch):
+    from scarlet_deploy.runtime.core import host
+
+    host.check_batch_memory(64, 224)  # what bench and profile are run with every day
+    monkeypatch.setattr(host, "available_memory_bytes", lambda: 2**30)
+    with pytest.raises(ScarletError, match=r"pass --batch 104 or less"):  # 1 GiB / 9.76 MiB an image
+        host.check_batch_memory(200, 224)
