@@ -102,7 +102,7 @@ def markdown(path: str, batch: int, ops: list[OpTime], nodes: list[NodeTime] = (
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="onnxruntime kernel time per operator type (after its fusions)")
-    p.add_argument("--onnx", required=True)
+    p.add_argument("--onnx", required=True, type=cli_types.input_file(".onnx", as_path=False))
     p.add_argument("--batch", type=cli_types.positive_int, default=8)
     p.add_argument("--runs", type=cli_types.positive_int, default=10)
     p.add_argument("--threads", type=cli_types.positive_int, help="onnxruntime threads (default: physical cores)")

@@ -883,3 +883,129 @@ def test_the_memory_estimate_lets_ordinary_batches_through(monkeypatch):
     monkeypatch.setattr(host, "available_memory_bytes", lambda: 2**30)
     with pytest.raises(ScarletError, match=r"pass --batch 104 or less"):  # 1 GiB / 9.76 MiB an image
         host.check_batch_memory(200, 224)
+
+
+# ----------------------------------------------------------------------------- 8. early, accurate refusals
+
+def _bad_input(tmp_path: Path, kind: str, files) -> tuple[Path, str]:
+    if kind == "folder":
+        d = tmp_path / "models"
+        d.mkdir()
+        (d / "a.onnx").write_bytes(files["onnx"].read_bytes())
+        return d, "is a folder, not a file; pass the .onnx file inside it such as a.onnx"
+    if kind == "loop":
+        a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+        a.symlink_to(b)
+        b.symlink_to(a)
+        return a, "is a symbolic link loop"
+    if kind == "dangling":
+        a = tmp_path / "gone.onnx"
+        a.symlink_to(tmp_path / "nowhere.onnx")
+        return a, "is a symbolic link to"
+    return files["fifo"], "is not a regular file"
+
+
+@pytest.mark.parametrize("kind", ["folder", "loop", "dangling", "fifo"])
+@pytest.mark.parametrize("command", ["predict", "verify", "calibrate", "profile", "fp16"])
+def test_an_onnx_that_cannot_be_a_file_is_named_for_what_it_is(files, tmp_path, capsys, kind, command):
+    """Before: a folder or a link loop as --onnx was answered 'has no manifest ...; pass --model NAME'."""
+    bad, needle = _bad_input(tmp_path, kind, files)
+    argv = {"predict": ["predict", "--onnx", bad, files["images"] / TENCH / f"{TENCH}_0.png"],
+            "verify": ["verify", "--model", "efficientnet_lite0", "--onnx", bad],
+            "calibrate": ["calibrate", "--onnx", bad, "--images", files["images"], "-o", tmp_path / "q.onnx"],
+            "profile": ["profile", "--onnx", bad],
+            "fp16": ["fp16", "--onnx", bad, "-o", tmp_path / "h.onnx"]}[command]
+    rc, err = run_cli(capsys, argv, not_written=[tmp_path / "q.onnx", tmp_path / "h.onnx"])
+    assert_usage_error(rc, err, "--onnx")
+    assert needle in " ".join(err.split()) and "--model NAME" not in err, err
+
+
+@pytest.mark.parametrize("layout,needle", [
+    ("empty", f"{TENCH}/: empty folder"),
+    ("nested", f"{TENCH}/: its images are in subfolders (e.g. sub/a.png)"),
+    ("not_images", f"{TENCH}/: no image files (.txt;")])
+def test_a_val_folder_with_no_usable_wnid_folder_says_why(tmp_path, layout, needle):
+    """Before: '... has no labelled images: []...'."""
+    d = tmp_path / "val" / TENCH
+    d.mkdir(parents=True)
+    if layout == "nested":
+        (d / "sub").mkdir()
+        Image.fromarray(noise_image(1)).save(d / "sub" / "a.png")
+    elif layout == "not_images":
+        (d / "notes.txt").write_text("x")
+    with pytest.raises(ScarletError) as e:
+        open_dataset(tmp_path / "val")
+    text = str(e.value)
+    assert needle in text and "Put each class's images directly in" in text and "[]" not in text, text
+
+
+def test_every_listed_image_type_decodes_through_both_pipelines_and_verify_lists_gif(tmp_path):
+    """Before: verify listed no GIF (nor PPM, JPEG 2000, AVIF) though predict decodes them."""
+    from scarlet_deploy.runtime.data.images import IMAGE_SUFFIXES
+
+    p = get_spec("efficientnet_lite0").preprocess
+    d = tmp_path / "val" / TENCH
+    d.mkdir(parents=True)
+    for i, suffix in enumerate(sorted(IMAGE_SUFFIXES)):
+        path = d / f"img{i}{suffix}"
+        Image.fromarray(noise_image(i)[..., 0] if suffix in (".pbm", ".pgm") else noise_image(i)).save(path)
+        for pipeline in (reference, deploy):
+            assert pipeline(path, p).shape == (3, 224, 224), (suffix, pipeline.__name__)
+    listed = {it.path.suffix for it in open_dataset(tmp_path / "val").items}
+    assert listed == IMAGE_SUFFIXES and ".gif" in listed
+
+
+def qdq_onnx(path: Path, fp16: bool = False) -> Path:
+    """The tiny classifier behind a QuantizeLinear/DequantizeLinear pair (or with float16 weights)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    tiny_onnx(path)
+    m = onnx.load(path)
+    if fp16:
+        w = m.graph.initializer[0]
+        m.graph.initializer[0].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w).astype(np.float16), w.name))
+    else:
+        m.graph.node[0].input[0] = "dq"
+        m.graph.node.insert(0, helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]))
+        m.graph.node.insert(0, helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"]))
+        m.graph.initializer.extend([numpy_helper.from_array(np.float32(0.05), "s"),
+                                    numpy_helper.from_array(np.int8(0), "z")])
+    onnx.save(m, path)
+    return path
+
+
+@pytest.mark.parametrize("target", ["ort", "ov", "trt"])
+@pytest.mark.parametrize("kind,needle", [("int8", "is already quantised (Q/DQ INT8 operators)"),
+                                         ("fp16", "is an FP16 model (float16 weights)")])
+def test_calibrating_a_model_that_is_not_fp32_is_refused_before_any_work(files, tmp_path, capsys, monkeypatch,
+                                                                         target, kind, needle):
+    """Before: --target ov|ort on a Q/DQ model worked 22-41 s, then failed naming a temporary file and left
+    an output without a manifest."""
+    from scarlet_deploy.calib import images as calib_images
+
+    src = qdq_onnx(tmp_path / f"{kind}.onnx", fp16=kind == "fp16")
+    loaded = []
+    monkeypatch.setattr(calib_images, "load", lambda *a, **k: loaded.append(1) or pytest.fail("images were loaded"))
+    out = tmp_path / "q.onnx"
+    rc, err = run_cli(capsys, ["calibrate", "--onnx", src, "--model", "efficientnet_lite0", "--images", files["images"],
+                               "--target", target, "-o", out, "--num-images", "2"], [src], [out, manifest_path(out)])
+    if rc == 2 and "OpenVINO" in err and "install" in err:
+        pytest.skip("no OpenVINO on this host")
+    assert_refused(rc, err, str(src), needle, "calibrate quantises an FP32 ONNX")
+    assert not loaded
+
+
+def test_a_cache_saved_after_skipping_images_is_not_refused_as_stale_before_loading(tmp_path):
+    """The check before loading sees the sample before flat/duplicate/unreadable images are skipped; the cache
+    holds the list after. Before: such a cache was refused as stale on reuse."""
+    prov = cache_mod.Provenance("efficientnet_lite0", "a" * 64, "percentile", "ort", 0, ("x/1.JPEG", "x/3.JPEG"))
+    cache_mod.save(tmp_path / "c.json", prov, {"t": (0.0, 1.0)})
+    sample = prov.__class__(**{**prov.__dict__, "images": ("x/1.JPEG", "x/2.JPEG", "x/3.JPEG")})
+    assert cache_mod.load(tmp_path / "c.json", sample, images_before_filtering=True) == {"t": (0.0, 1.0)}
+    with pytest.raises(ScarletError, match="calibration images"):  # the exact check after loading still applies
+        cache_mod.load(tmp_path / "c.json", sample)
+    for other in (("x/3.JPEG", "x/1.JPEG"), ("x/1.JPEG", "y/9.JPEG")):  # another order, an image not in the sample
+        cache_mod.save(tmp_path / "d.json", prov.__class__(**{**prov.__dict__, "images": other}), {"t": (0.0, 1.0)})
+        with pytest.raises(ScarletError, match="calibration images"):
+            cache_mod.load(tmp_path / "d.json", sample, images_before_filtering=True)
