@@ -43,9 +43,18 @@ def resolved_method(path: str | os.PathLike) -> str | None:
     return json.loads(Path(path).read_text()).get("resolved_method")
 
 
-def load(path: str | os.PathLike, want: Provenance, tensors: Iterable[str] | None = None) -> dict[str, tuple[float, float]]:
+def _subsequence(part: Any, whole: tuple[str, ...]) -> bool:
+    it = iter(whole)
+    return isinstance(part, tuple) and bool(part) and all(p in it for p in part)
+
+
+def load(path: str | os.PathLike, want: Provenance, tensors: Iterable[str] | None = None,
+         images_before_filtering: bool = False) -> dict[str, tuple[float, float]]:
     """The cached ranges, or a ScarletError saying what differs (a stale cache is never used) or what
-    is wrong with them (see check_ranges; `tensors`: the activation tensors that need a range)."""
+    is wrong with them (see check_ranges; `tensors`: the activation tensors that need a range).
+    `images_before_filtering`: `want.images` is the sample before unreadable, flat and repeated images
+    are skipped (a check before loading them), so the cache's list, saved after, need only be a
+    subsequence of it; the exact list is compared again once the images are loaded."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:  # ValueError: bad JSON, and UnicodeDecodeError for a binary file
@@ -58,6 +67,8 @@ def load(path: str | os.PathLike, want: Provenance, tensors: Iterable[str] | Non
     have["images"] = tuple(have["images"]) if isinstance(have["images"], list) else have["images"]
     diffs = []
     for k, v in asdict(want).items():
+        if k == "images" and images_before_filtering and _subsequence(have[k], v):
+            continue
         if have[k] != v:
             if k == "images":
                 shown = f"{len(have[k]) if isinstance(have[k], tuple) else 'no list of'} images vs {len(v)}"

@@ -41,7 +41,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("calibrate", help="INT8 Q/DQ ONNX from a float ONNX and calibration images")
-    p.add_argument("--onnx", type=Path, required=True)
+    p.add_argument("--onnx", type=cli_types.input_file(".onnx"), required=True)
     p.add_argument("--images", type=Path, required=True,
                    help="calibration images: any folder of images (labels, for --max-top1-drop, from "
                         "<wnid>/ folders or flat ILSVRC files with LOC_val_solution.csv)")
@@ -59,7 +59,7 @@ def register(sub) -> None:
 
     m = sub.add_parser("calibrate-model", help="INT8 ONNX for onnxruntime, TensorRT and OpenVINO from build/<model>.onnx (make calib)")
     m.add_argument("--model", required=True)
-    m.add_argument("--checkpoint", default=None, help="weights to export with when build/<model>.onnx is missing")
+    m.add_argument("--checkpoint", default=None, type=cli_types.input_file(".pth", as_path=False), help="weights to export with when build/<model>.onnx is missing")
     m.add_argument("--out-dir", type=Path, default=Path("build"))
     m.add_argument("--val-dir", type=Path, default=None, help="images (default: the shared ImageNet sample)")
     m.add_argument("--targets", nargs="+", default=None, choices=TARGETS,

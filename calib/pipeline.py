@@ -109,6 +109,24 @@ def model_name(onnx_path: Path, explicit: str | None) -> str:
     return name
 
 
+def require_float32(onnx_path: Path, model: str) -> None:
+    """Calibration quantises an FP32 graph. A Q/DQ model (ours for another target, or anyone's) would be
+    quantised twice and fail after every image was loaded and run (22-41 s), naming a temporary file;
+    an FP16 one fails inside onnxruntime's calibrator. Both are refused before any work."""
+    from scarlet_deploy.runtime.core.artifacts import read_manifest
+    from scarlet_deploy.runtime.core.onnx_io import graph_precision
+
+    precision = graph_precision(onnx_path)
+    if precision == "fp32":
+        return
+    what = "already quantised (Q/DQ INT8 operators)" if precision == "int8" else "an FP16 model (float16 weights)"
+    manifest = read_manifest(onnx_path) or {}
+    source = manifest.get("source_onnx") or manifest.get("source")
+    fix = f"pass the FP32 ONNX it was made from ({source})" if source else \
+        f"pass the FP32 ONNX (`scarlet export --model {model}` makes it)"
+    raise ScarletError(f"{onnx_path} is {what}; calibrate quantises an FP32 ONNX, for any --target. {fix[0].upper() + fix[1:]}.")
+
+
 def _labels(labels: tuple[int, ...]) -> np.ndarray | None:
     y = np.array(labels, dtype=np.int64)
     return y if len(y) and np.all(y >= 0) else None
@@ -123,6 +141,7 @@ def prepare(onnx_path: Path, images_dir: Path, num_images: int, seed: int = 0, e
     if not Path(onnx_path).is_file():
         raise ScarletError(f"ONNX model {onnx_path} does not exist; create it with `scarlet export` (or `make export`).")
     name = model_name(Path(onnx_path), model)
+    require_float32(Path(onnx_path), name)
     pre = get_spec(name).preprocess
     check_classifier(onnx_path, pre.crop, get_spec(name).num_classes, name)
     split = images.split_images(images_dir, num_images, seed, eval_dir, num_eval, num_select)
@@ -438,7 +457,7 @@ def _check_cache_first(cfg: CalibConfig) -> None:
     split = images.split_images(cfg.images, cfg.num_images, cfg.seed, cfg.eval_dir, cfg.num_eval)
     cache_mod.load(cfg.cache, cache_mod.Provenance(
         model_name(Path(cfg.onnx), cfg.model), sha256_file(cfg.onnx), cfg.method, qdq.get_target(cfg.target).name,
-        cfg.seed, tuple(images.relative_names(split.calib))))
+        cfg.seed, tuple(images.relative_names(split.calib))), images_before_filtering=True)
 
 
 def calibrate(cfg: CalibConfig) -> tuple[Bench, CalibResult]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scarlet_deploy.runtime.core import cli_types
 from scarlet_deploy.runtime.core.cli_types import int_range
 from scarlet_deploy.runtime.core.errors import ScarletError
 from scarlet_deploy.runtime.core.logits import softmax, top_k
@@ -82,7 +83,7 @@ def predict(onnx_path: str | Path, images: list[str], model: str | None = None, 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-5 ImageNet classes for images through an ONNX model")
-    p.add_argument("--onnx", required=True)
+    p.add_argument("--onnx", required=True, type=cli_types.input_file(".onnx", as_path=False))
     p.add_argument("--model", help="registry model name (default: from the ONNX manifest)")
     p.add_argument("--top", type=int_range(1, 1000), default=5, help="classes per image (1-1000, default 5)")
     p.add_argument("--backend", choices=ONNX_RUNTIMES, default="ort", help="runtime to run the ONNX on (default ort)")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from scarlet_deploy.runtime.core import cli_types
 from scarlet_deploy.runtime.core.errors import ScarletError
+from scarlet_deploy.runtime.core.host import check_batch_memory
 from scarlet_deploy.runtime.core.onnx_io import read_io
 from scarlet_deploy.runtime.core.paths import check_outputs
 from scarlet_deploy.runtime.runners.ort import OrtOptions, make_session
@@ -44,6 +45,7 @@ def kernel_times(onnx_path: str | os.PathLike, batch: int = 8, runs: int = 10, w
     if batch < 1 or runs < 1:
         raise ScarletError("--batch and --runs must be at least 1.")
     read_io(onnx_path)  # missing or not ONNX: one sentence, before onnxruntime's own message
+    check_batch_memory(batch, onnx_image_size(Path(onnx_path)))
     with tempfile.TemporaryDirectory(prefix="scarlet-profile-") as d:
         session = make_session(onnx_path, options, profile_prefix=str(Path(d) / "ort"))
         x = bench_input(batch, size=onnx_image_size(Path(onnx_path)))
@@ -100,7 +102,7 @@ def markdown(path: str, batch: int, ops: list[OpTime], nodes: list[NodeTime] = (
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="onnxruntime kernel time per operator type (after its fusions)")
-    p.add_argument("--onnx", required=True)
+    p.add_argument("--onnx", required=True, type=cli_types.input_file(".onnx", as_path=False))
     p.add_argument("--batch", type=cli_types.positive_int, default=8)
     p.add_argument("--runs", type=cli_types.positive_int, default=10)
     p.add_argument("--threads", type=cli_types.positive_int, help="onnxruntime threads (default: physical cores)")

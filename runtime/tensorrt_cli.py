@@ -19,7 +19,7 @@ def register(sub) -> None:
                                    "exported ONNX (TF32 off), fp16 converts it to M.fp16.onnx first, int8 builds the Q/DQ "
                                    "ONNX from `scarlet calibrate --target trt`. A manifest (M.plan.json) records TensorRT, "
                                    "GPU, precision and profile; plans are refused on another TensorRT or GPU.")
-    p.add_argument("--onnx", required=True, type=Path, help="exported FP32 ONNX (build/MODEL.onnx)")
+    p.add_argument("--onnx", required=True, type=cli_types.input_file(".onnx"), help="exported FP32 ONNX (build/MODEL.onnx)")
     p.add_argument("--precision", required=True, choices=("fp32", "fp16", "int8"))
     p.add_argument("--int8-onnx", type=Path, help="TensorRT Q/DQ ONNX (default: MODEL.int8-trt.onnx beside --onnx)")
     p.add_argument("--int8-high-precision", choices=("fp16", "fp32"), default="fp16",
@@ -35,7 +35,7 @@ def register(sub) -> None:
 
     f = sub.add_parser("fp16", help="convert an exported ONNX to FP16 (float32 I/O, reductions in float32), or the float "
                                     "parts of a TensorRT Q/DQ ONNX (what INT8 plans build from); runs on CPU")
-    f.add_argument("--onnx", required=True, type=Path)
+    f.add_argument("--onnx", required=True, type=cli_types.input_file(".onnx"))
     f.add_argument("-o", "--output", type=Path, help="default: MODEL.fp16.onnx beside --onnx")
     f.add_argument("--images", type=cli_types.nonneg_int, default=16, help="real images to compare FP16 vs FP32 on onnxruntime CPU (0: skip)")
     f.add_argument("--force", action="store_true", help="convert even if an up-to-date FP16 ONNX exists")

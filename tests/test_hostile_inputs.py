@@ -709,3 +709,303 @@ def test_sigterm_is_an_interruption_with_no_leftovers(files, val_dir, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     assert not list(tmp.glob("scarlet-*")) and not out.exists() and not manifest_path(out).exists()
+
+
+# ----------------------------------------------------------------------------- 7. state read back is checked
+
+def _journal_rows(pos: list[int]) -> dict[str, np.ndarray]:
+    return {"pos": np.asarray(pos), "ref_top1": np.asarray(pos, np.int64), "why": np.asarray([""] * len(pos))}
+
+
+JOURNAL_COLUMNS = ["pos", "ref_top1", "why", "t.wall"]
+
+
+def _rewrite_chunk(path: Path, edit, keep_checksum: bool = True) -> None:
+    """Load a chunk, edit it as a person with numpy would, save it back (its stored sha256 unchanged unless told)."""
+    from scarlet_deploy.runtime.verify.journal import chunk_sha256
+
+    with np.load(path) as z:
+        chunk = {k: z[k] for k in z.files}
+    edit(chunk)
+    if not keep_checksum:  # what only the column check can catch: a consistent checksum over the wrong columns
+        chunk["sha256"] = np.asarray(chunk_sha256(path.parent.name, chunk))
+    with open(path, "wb") as f:
+        np.savez(f, **chunk)
+
+
+def test_an_edited_journal_chunk_is_dropped_and_recomputed(tmp_path):
+    """Before: a value edited in a chunk was trusted on --resume (a passing model was reported FAIL)."""
+    from scarlet_deploy.runtime.verify.journal import Journal
+
+    ident = {"reference_key": "k", "backends": []}
+    j = Journal(tmp_path, ident, resume=False, columns=JOURNAL_COLUMNS)
+    j.append(_journal_rows([0, 1]), {"t.wall": 1.0})
+    j.append(_journal_rows([2, 3]), {"t.wall": 1.0})
+    j.close()
+    first = sorted(j.folder.glob("chunk-*.npz"))[0]
+
+    def flip(c):
+        c["ref_top1"][1] = 999
+
+    _rewrite_chunk(first, flip)
+    r = Journal(tmp_path, ident, resume=True, columns=JOURNAL_COLUMNS)
+    assert r.done_positions() == {2, 3}, "the edited chunk's images must run again"
+    assert any("dropped chunk-000001.npz" in n and "sha256 does not match" in n for n in r.notes), r.notes
+    assert 999 not in r.columns()["ref_top1"]
+    r.close()
+
+
+@pytest.mark.parametrize("checksum", ["stale", "consistent"])
+def test_a_journal_chunk_missing_a_column_is_dropped_not_a_key_error(tmp_path, checksum):
+    from scarlet_deploy.runtime.verify.journal import Journal
+
+    ident = {"reference_key": "k", "backends": []}
+    j = Journal(tmp_path, ident, resume=False, columns=JOURNAL_COLUMNS)
+    j.append(_journal_rows([0, 1]), {"t.wall": 1.0})
+    j.append(_journal_rows([2]), {"t.wall": 1.0})
+    j.close()
+    # The sha256 is over the run's full digest; the folder holds its first 24 hex digits, so recompute with the full one.
+    from scarlet_deploy.runtime.verify.journal import chunk_sha256
+
+    last = sorted(j.folder.glob("chunk-*.npz"))[-1]
+    with np.load(last) as z:
+        chunk = {k: z[k] for k in z.files if k != "ref_top1"}
+    if checksum == "consistent":
+        chunk["sha256"] = np.asarray(chunk_sha256(j.digest, chunk))
+    with open(last, "wb") as f:
+        np.savez(f, **chunk)
+    r = Journal(tmp_path, ident, resume=True, columns=JOURNAL_COLUMNS)
+    why = "missing ['ref_top1']" if checksum == "consistent" else "sha256 does not match"
+    assert r.done_positions() == {0, 1} and any("dropped chunk-000002.npz" in n and why in n for n in r.notes), r.notes
+    r.append(_journal_rows([2]), {"t.wall": 1.0})
+    assert r.columns()["ref_top1"].tolist() == [0, 1, 2]
+    r.close()
+
+
+def test_a_second_run_of_the_same_check_is_refused_and_leaves_the_first_journal_alone(tmp_path):
+    """Before: a second verify started beside the first deleted the first's live journal as 'interrupted'."""
+    from scarlet_deploy.runtime.verify.journal import Journal
+
+    ident = {"reference_key": "k", "backends": []}
+    first = Journal(tmp_path, ident, resume=False)
+    first.append(_journal_rows([0, 1]), {"t.wall": 1.0})
+    chunk = next(first.folder.glob("chunk-*.npz"))
+    before = chunk.read_bytes()
+    for resume in (False, True):
+        with pytest.raises(ScarletError) as e:
+            Journal(tmp_path, ident, resume=resume)
+        text = str(e.value)
+        assert f"pid {os.getpid()}" in text and str(first.folder) in text and "\n" not in text
+    assert chunk.read_bytes() == before, "the live journal was touched"
+    first.append(_journal_rows([2]), {"t.wall": 1.0})  # the first run goes on
+    first.close()
+    later = Journal(tmp_path, ident, resume=True)  # once it has stopped, --resume continues it
+    assert later.done_positions() == {0, 1, 2}
+    later.finish()
+    assert not list(tmp_path.iterdir()), "a finished run leaves neither its journal nor its lock file"
+
+
+def _filled_reference(tmp_path: Path):
+    from scarlet_deploy.runtime.verify.reference_cache import ReferenceCache, ReferenceKey
+
+    key = ReferenceKey(model="scarlet_a", let=False, weights="sha256:" + "a" * 64, preprocess={"resize": 256},
+                       code="c" * 64, torch="2", images=3, image_list_sha256="i" * 64, classes=4)
+    cache = ReferenceCache(tmp_path)
+    w = cache.writer(key, keep_rows=False)
+    w.write([0, 1, 2], np.ones((3, 4), np.float32))
+    w.commit({1: "unreadable"}, {"device": "cpu", "images_per_s": 12.5}).close()
+    return cache, key
+
+
+@pytest.mark.parametrize("field,value", [
+    ("images_per_s", -12.5), ("images_per_s", 0), ("images_per_s", "NaN"), ("images_per_s", "Infinity"),
+    ("images_per_s", "fast"), ("images_per_s", True), ("skipped", {"one": "x"}), ("skipped", {"7": "x"}),
+    ("skipped", {"1": 5}), ("skipped", ["1"]), ("device", 5), ("created", ["today"]), (None, None)])
+def test_a_reference_meta_with_a_wrong_value_is_ignored_with_a_note(tmp_path, field, value):
+    """Before: images/s -12.5 printed a negative projected time; a string there (or an index that is not
+    one) was a TypeError/ValueError traceback."""
+    cache, key = _filled_reference(tmp_path)
+    meta_path = next(tmp_path.glob("*/meta.json"))
+    text = meta_path.read_text()
+    if field is None:  # JSON that is not an object
+        text = "[1, 2]"
+    else:
+        meta = json.loads(text)
+        meta[field] = value
+        text = json.dumps(meta)
+        if value in ("NaN", "Infinity"):  # what Python's json writes for them, and reads back as floats
+            text = text.replace(f'"{value}"', value)
+    meta_path.write_text(text)
+    hit, note = cache.lookup(key)
+    assert hit is None and "ignored the cached reference" in note and "recomputing it" in note, note
+    if field is not None:
+        assert field in note
+
+
+def test_a_good_reference_meta_still_passes(tmp_path):
+    cache, key = _filled_reference(tmp_path)
+    hit, note = cache.lookup(key)
+    assert note is None and hit.skipped == {1: "unreadable"} and hit.meta["images_per_s"] == 12.5
+    hit.close()
+
+
+# ----------------------------------------------------------------------------- 9. no leftovers
+
+def test_verify_of_unreadable_images_leaves_no_partial_reference_and_no_journal(files, tmp_path, capsys):
+    val = tmp_path / "val" / TENCH
+    val.mkdir(parents=True)
+    for i in range(3):
+        (val / f"bad{i}.JPEG").write_bytes(b"not a jpeg" * (i + 1))
+    cache = tmp_path / "cache"
+    rc, err = run_cli(capsys, ["verify", "--model", "efficientnet_lite0", "--onnx", files["onnx"], "--val-dir", val.parent,
+                               "--cache-dir", cache, "--workers", "0", "--quiet", "--chunk-images", "1"], [files["onnx"]])
+    assert_refused(rc, err, "none of the 3 images could be read")
+    assert (cache / "reference").is_dir() and not list((cache / "reference").iterdir())
+    assert not list((cache / "verify-resume").rglob("*")), list((cache / "verify-resume").rglob("*"))
+
+
+# ----------------------------------------------------------------------------- 6. memory refused from the request
+
+@pytest.mark.parametrize("command", ["profile", "bench"])
+def test_a_batch_beyond_the_memory_available_is_refused_before_any_work(files, tmp_path, capsys, command):
+    """Before: --batch 100000 allocated 56 GiB of input and ended in a MemoryError traceback (or the OOM killer)."""
+    argv = (["profile", "--onnx", files["onnx"], "--batch", "100000", "--runs", "1"] if command == "profile" else
+            ["bench", "--models", "efficientnet_lite0", "--backends", "ort", "--batch", "1,100000",
+             "--build-dir", tmp_path / "build"])
+    rc, err = run_cli(capsys, argv, [files["onnx"]], [tmp_path / "build"])
+    assert_refused(rc, err, "--batch 100000 needs about", "GiB available; pass --batch")
+
+
+def test_the_memory_estimate_lets_ordinary_batches_through(monkeypatch):
+    from scarlet_deploy.runtime.core import host
+
+    host.check_batch_memory(64, 224)  # what bench and profile are run with every day
+    monkeypatch.setattr(host, "available_memory_bytes", lambda: 2**30)
+    with pytest.raises(ScarletError, match=r"pass --batch 104 or less"):  # 1 GiB / 9.76 MiB an image
+        host.check_batch_memory(200, 224)
+
+
+# ----------------------------------------------------------------------------- 8. early, accurate refusals
+
+def _bad_input(tmp_path: Path, kind: str, files) -> tuple[Path, str]:
+    if kind == "folder":
+        d = tmp_path / "models"
+        d.mkdir()
+        (d / "a.onnx").write_bytes(files["onnx"].read_bytes())
+        return d, "is a folder, not a file; pass the .onnx file inside it such as a.onnx"
+    if kind == "loop":
+        a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+        a.symlink_to(b)
+        b.symlink_to(a)
+        return a, "is a symbolic link loop"
+    if kind == "dangling":
+        a = tmp_path / "gone.onnx"
+        a.symlink_to(tmp_path / "nowhere.onnx")
+        return a, "is a symbolic link to"
+    return files["fifo"], "is not a regular file"
+
+
+@pytest.mark.parametrize("kind", ["folder", "loop", "dangling", "fifo"])
+@pytest.mark.parametrize("command", ["predict", "verify", "calibrate", "profile", "fp16"])
+def test_an_onnx_that_cannot_be_a_file_is_named_for_what_it_is(files, tmp_path, capsys, kind, command):
+    """Before: a folder or a link loop as --onnx was answered 'has no manifest ...; pass --model NAME'."""
+    bad, needle = _bad_input(tmp_path, kind, files)
+    argv = {"predict": ["predict", "--onnx", bad, files["images"] / TENCH / f"{TENCH}_0.png"],
+            "verify": ["verify", "--model", "efficientnet_lite0", "--onnx", bad],
+            "calibrate": ["calibrate", "--onnx", bad, "--images", files["images"], "-o", tmp_path / "q.onnx"],
+            "profile": ["profile", "--onnx", bad],
+            "fp16": ["fp16", "--onnx", bad, "-o", tmp_path / "h.onnx"]}[command]
+    rc, err = run_cli(capsys, argv, not_written=[tmp_path / "q.onnx", tmp_path / "h.onnx"])
+    assert_usage_error(rc, err, "--onnx")
+    assert needle in " ".join(err.split()) and "--model NAME" not in err, err
+
+
+@pytest.mark.parametrize("layout,needle", [
+    ("empty", f"{TENCH}/: empty folder"),
+    ("nested", f"{TENCH}/: its images are in subfolders (e.g. sub/a.png)"),
+    ("not_images", f"{TENCH}/: no image files (.txt;")])
+def test_a_val_folder_with_no_usable_wnid_folder_says_why(tmp_path, layout, needle):
+    """Before: '... has no labelled images: []...'."""
+    d = tmp_path / "val" / TENCH
+    d.mkdir(parents=True)
+    if layout == "nested":
+        (d / "sub").mkdir()
+        Image.fromarray(noise_image(1)).save(d / "sub" / "a.png")
+    elif layout == "not_images":
+        (d / "notes.txt").write_text("x")
+    with pytest.raises(ScarletError) as e:
+        open_dataset(tmp_path / "val")
+    text = str(e.value)
+    assert needle in text and "Put each class's images directly in" in text and "[]" not in text, text
+
+
+def test_every_listed_image_type_decodes_through_both_pipelines_and_verify_lists_gif(tmp_path):
+    """Before: verify listed no GIF (nor PPM, JPEG 2000, AVIF) though predict decodes them."""
+    from scarlet_deploy.runtime.data.images import IMAGE_SUFFIXES
+
+    p = get_spec("efficientnet_lite0").preprocess
+    d = tmp_path / "val" / TENCH
+    d.mkdir(parents=True)
+    for i, suffix in enumerate(sorted(IMAGE_SUFFIXES)):
+        path = d / f"img{i}{suffix}"
+        Image.fromarray(noise_image(i)[..., 0] if suffix in (".pbm", ".pgm") else noise_image(i)).save(path)
+        for pipeline in (reference, deploy):
+            assert pipeline(path, p).shape == (3, 224, 224), (suffix, pipeline.__name__)
+    listed = {it.path.suffix for it in open_dataset(tmp_path / "val").items}
+    assert listed == IMAGE_SUFFIXES and ".gif" in listed
+
+
+def qdq_onnx(path: Path, fp16: bool = False) -> Path:
+    """The tiny classifier behind a QuantizeLinear/DequantizeLinear pair (or with float16 weights)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    tiny_onnx(path)
+    m = onnx.load(path)
+    if fp16:
+        w = m.graph.initializer[0]
+        m.graph.initializer[0].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w).astype(np.float16), w.name))
+    else:
+        m.graph.node[0].input[0] = "dq"
+        m.graph.node.insert(0, helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]))
+        m.graph.node.insert(0, helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"]))
+        m.graph.initializer.extend([numpy_helper.from_array(np.float32(0.05), "s"),
+                                    numpy_helper.from_array(np.int8(0), "z")])
+    onnx.save(m, path)
+    return path
+
+
+@pytest.mark.parametrize("target", ["ort", "ov", "trt"])
+@pytest.mark.parametrize("kind,needle", [("int8", "is already quantised (Q/DQ INT8 operators)"),
+                                         ("fp16", "is an FP16 model (float16 weights)")])
+def test_calibrating_a_model_that_is_not_fp32_is_refused_before_any_work(files, tmp_path, capsys, monkeypatch,
+                                                                         target, kind, needle):
+    """Before: --target ov|ort on a Q/DQ model worked 22-41 s, then failed naming a temporary file and left
+    an output without a manifest."""
+    from scarlet_deploy.calib import images as calib_images
+
+    src = qdq_onnx(tmp_path / f"{kind}.onnx", fp16=kind == "fp16")
+    loaded = []
+    monkeypatch.setattr(calib_images, "load", lambda *a, **k: loaded.append(1) or pytest.fail("images were loaded"))
+    out = tmp_path / "q.onnx"
+    rc, err = run_cli(capsys, ["calibrate", "--onnx", src, "--model", "efficientnet_lite0", "--images", files["images"],
+                               "--target", target, "-o", out, "--num-images", "2"], [src], [out, manifest_path(out)])
+    if rc == 2 and "OpenVINO" in err and "install" in err:
+        pytest.skip("no OpenVINO on this host")
+    assert_refused(rc, err, str(src), needle, "calibrate quantises an FP32 ONNX")
+    assert not loaded
+
+
+def test_a_cache_saved_after_skipping_images_is_not_refused_as_stale_before_loading(tmp_path):
+    """The check before loading sees the sample before flat/duplicate/unreadable images are skipped; the cache
+    holds the list after. Before: such a cache was refused as stale on reuse."""
+    prov = cache_mod.Provenance("efficientnet_lite0", "a" * 64, "percentile", "ort", 0, ("x/1.JPEG", "x/3.JPEG"))
+    cache_mod.save(tmp_path / "c.json", prov, {"t": (0.0, 1.0)})
+    sample = prov.__class__(**{**prov.__dict__, "images": ("x/1.JPEG", "x/2.JPEG", "x/3.JPEG")})
+    assert cache_mod.load(tmp_path / "c.json", sample, images_before_filtering=True) == {"t": (0.0, 1.0)}
+    with pytest.raises(ScarletError, match="calibration images"):  # the exact check after loading still applies
+        cache_mod.load(tmp_path / "c.json", sample)
+    for other in (("x/3.JPEG", "x/1.JPEG"), ("x/1.JPEG", "y/9.JPEG")):  # another order, an image not in the sample
+        cache_mod.save(tmp_path / "d.json", prov.__class__(**{**prov.__dict__, "images": other}), {"t": (0.0, 1.0)})
+        with pytest.raises(ScarletError, match="calibration images"):
+            cache_mod.load(tmp_path / "d.json", sample, images_before_filtering=True)

@@ -126,6 +126,7 @@ def test_journal_resumes_whole_chunks_and_drops_a_broken_one(tmp_path):
     j.append(_rows([5]), {"t.wall": 4.0})
     chunks = sorted(j.folder.glob("chunk-*.npz"))
     chunks[-1].write_bytes(chunks[-1].read_bytes()[:30])  # what a crash mid-write cannot leave, a damaged disk can
+    j.close()  # the interrupted run has exited
     r = Journal(tmp_path, ident, resume=True)
     assert r.done_positions() == {0, 1, 2, 3, 4} and r.resumed_images == 5
     assert any("dropped" in n for n in r.notes) and any("resumed" in n for n in r.notes)
@@ -140,6 +141,7 @@ def test_journal_resumes_whole_chunks_and_drops_a_broken_one(tmp_path):
 def test_journal_of_another_run_or_without_resume_starts_over(tmp_path):
     j = Journal(tmp_path, {"reference_key": "k"}, resume=False)
     j.append(_rows([0]), {})
+    j.close()
     other = Journal(tmp_path, {"reference_key": "other"}, resume=True)
     assert not other.chunks and any("no interrupted run" in n for n in other.notes)
     again = Journal(tmp_path, {"reference_key": "k"}, resume=False)
@@ -153,10 +155,12 @@ def test_journal_files_after_resume_hold_every_image_once_and_no_chunk_is_overwr
     first = Journal(tmp_path, ident, resume=False)
     for part in ([0, 1], [2, 3], [4]):
         first.append(_rows(part), {"t.wall": 1.0})
+    first.close()
     second = Journal(tmp_path, ident, resume=True)
     assert second.done_positions() == {0, 1, 2, 3, 4}
     for part in ([5, 6], [7]):
         second.append(_rows(part), {"t.wall": 1.0})
+    second.close()
     files = sorted(second.folder.glob("chunk-*.npz"))
     assert [f.name for f in files] == [f"chunk-{n:06d}.npz" for n in range(1, 6)]
     on_disk = [int(p) for f in files for p in np.load(f)["pos"]]

@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--threads", type=cli_types.positive_int, default=None,
                    help="CPU threads for PyTorch, onnxruntime and OpenVINO (default: physical cores)")
     p.add_argument("--build-dir", type=Path, default=Path("build"))
-    p.add_argument("--engine", type=Path, nargs="+", action="extend", default=[],
+    p.add_argument("--engine", type=cli_types.input_file(".plan"), nargs="+", action="extend", default=[],
                    help="TensorRT plans named <model>.<fp32|fp16|int8>.plan (default: looked for in --build-dir)")
     p.add_argument("--repeats", type=cli_types.positive_int, default=5, help="interleaved rounds per measurement")
     p.add_argument("--seconds", type=cli_types.positive_float, default=1.0, help="time per backend per round")

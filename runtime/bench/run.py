@@ -36,7 +36,7 @@ from scarlet_deploy.runtime.bench.memory import measure_memory
 from scarlet_deploy.runtime.bench.plan import INT8_TARGETS, REFERENCES, BenchConfig, ModelPlan, bench_input, plan_model
 from scarlet_deploy.runtime.bench.tune import tune_grid, tune_ort
 from scarlet_deploy.runtime.core.errors import ScarletError
-from scarlet_deploy.runtime.core.host import CpuTimes, machine_load
+from scarlet_deploy.runtime.core.host import CpuTimes, check_batch_memory, machine_load
 from scarlet_deploy.runtime.core.report import environment
 from scarlet_deploy.runtime.measure import CellStats, measure_interleaved, paired_ratio, throughput_timer
 from scarlet_deploy.runtime.peak import KINDS as PEAK_KINDS
@@ -104,6 +104,9 @@ def known_accuracy(plan: ModelPlan, reports_dir: Path) -> dict[str, float]:
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
+    from scarlet_deploy.export.registry import get_spec
+
+    check_batch_memory(max(cfg.batches), max(get_spec(m).preprocess.crop for m in cfg.models))
     t_start, cpu_start = time.perf_counter(), CpuTimes.now()
     # Sampled before and after every model, best kept: one sample taken while the machine is busy
     # would understate the peak and overstate every "% peak".

@@ -78,3 +78,38 @@ def csv_of(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
         return [kind(t) for t in items]
 
     return parse
+
+
+def input_file(suffix: str = "", as_path: bool = True) -> Callable[[str], "Path | str"]:
+    """A file a command reads, refused while parsing when it cannot be one: a folder (naming the
+    `suffix` files it holds), a symbolic link loop, a link to nothing, a FIFO, device or socket. A
+    path that does not exist passes: the command says how to create the file it wants."""
+    import errno
+    import os
+    import stat
+    from pathlib import Path
+
+    def parse(text: str) -> "Path | str":
+        try:
+            st = os.stat(text)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise argparse.ArgumentTypeError(f"{text} is a symbolic link loop (following it leads back to a link "
+                                                 "already followed); pass the file itself") from None
+            if e.errno == errno.ENOENT and os.path.islink(text):
+                raise argparse.ArgumentTypeError(f"{text} is a symbolic link to {os.readlink(text)}, which does not "
+                                                 "exist; pass the file itself") from None
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise argparse.ArgumentTypeError(f"{text} cannot be read ({e.strerror})") from None
+            return Path(text) if as_path else text
+        if stat.S_ISDIR(st.st_mode):
+            inside = sorted(p.name for p in Path(text).glob(f"*{suffix}"))[:3] if suffix else []
+            hint = f" such as {', '.join(inside)}" if inside else ""
+            raise argparse.ArgumentTypeError(f"{text} is a folder, not a file; pass the {suffix or 'input'} file inside "
+                                             f"it{hint}")
+        if not stat.S_ISREG(st.st_mode):
+            raise argparse.ArgumentTypeError(f"{text} is not a regular file (a FIFO, device or socket); pass a file")
+        return Path(text) if as_path else text
+
+    parse.__name__ = f"{suffix or 'input'} file"
+    return parse

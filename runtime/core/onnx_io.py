@@ -80,3 +80,21 @@ def check_classifier(path: str | os.PathLike, image_size: int = 224, num_classes
 
 def _fmt(shape: tuple[Dim, ...]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+QUANTISED_OPS = ("QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
+
+
+def graph_precision(path: str | os.PathLike) -> str:
+    """What the graph computes in, read from its nodes and weights: int8 (Q/DQ or QLinear/Integer
+    operators), fp16 (float16 weights), else fp32. A ScarletError when the file is not ONNX."""
+    import onnx
+
+    read_io(path)  # missing or not ONNX: one sentence
+    g = onnx.load(str(path), load_external_data=False).graph
+    if any(n.op_type in QUANTISED_OPS or n.op_type.startswith("QLinear") for n in g.node):
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in g.initializer) or \
+            any(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in g.input):
+        return "fp16"
+    return "fp32"

@@ -114,8 +114,24 @@ def _prepared(root: Path) -> Dataset:
         if label is None:
             ignored.append({"path": str(sub), "why": "folder is not an ImageNet-1k wnid"})
             continue
-        items += [Item(p, label) for p in sorted(sub.iterdir()) if _is_image(p)]
+        found = [Item(p, label) for p in sorted(sub.iterdir()) if _is_image(p)]
+        if not found:
+            ignored.append({"path": str(sub), "why": _why_no_images(sub)})
+        items += found
     return Dataset(root, "prepared", "folder wnid -> sorted ImageNet-1k index", items, ignored)
+
+
+def _why_no_images(folder: Path) -> str:
+    """Why a <wnid>/ folder gave no image: what it holds instead, so the fix is plain."""
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return "empty folder"
+    nested = next((p for p in folder.rglob("*") if _is_image(p)), None)
+    if nested is not None:
+        return f"its images are in subfolders (e.g. {nested.relative_to(folder)}); labels come from the folder holding them"
+    suffixes = sorted({p.suffix.lower() or p.name for p in entries if p.is_file()})[:5]
+    return (f"no image files ({', '.join(suffixes)}; images end in {', '.join(sorted(IMAGE_SUFFIXES))})" if suffixes
+            else "holds only folders, with no images")
 
 
 def _search_dirs(root: Path) -> list[Path]:
@@ -220,7 +236,10 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     else:
         raise ScarletError(f"{root} holds no images; point --val-dir at an ImageNet validation folder.")
     if not ds.items:
-        raise ScarletError(f"{root} ({ds.layout}) has no labelled images: {ds.ignored[:3]}...")
+        why = "; ".join(f"{Path(i['path']).name}/: {i['why']}" if Path(i["path"]).is_dir() else f"{i['path']}: {i['why']}"
+                        for i in ds.ignored[:3]) + ("; ..." if len(ds.ignored) > 3 else "")
+        raise ScarletError(f"{root} has no labelled images to use ({why}). Put each class's images directly in "
+                           f"{root}/<wnid>/ (e.g. {root}/n01440764/ILSVRC2012_val_00000293.JPEG).")
     return ds
 
 

@@ -9,7 +9,11 @@ from pathlib import Path
 from scarlet_deploy.runtime.core.errors import ScarletError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# The one list of image files every command lists from a folder (verify, calibrate, the defaults): the formats
+# both pipelines decode, PIL (reference) and OpenCV (deploy; also the server's). predict and the server take
+# any file they are given and decode what they can; a test decodes each suffix here through both pipelines.
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif",
+                  ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".avif"}
 
 
 def default_val_dir() -> Path | None:

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from scarlet_deploy.runtime.core import cli_types
 from scarlet_deploy.runtime.core.cli_types import csv_of, float_range, positive_float, positive_int
 
 
@@ -14,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("deploy", help="the fastest artifact that is still your model on this machine, as a "
                                       "self-checking package (export, calibrate, verify, time, choose)")
     p.add_argument("--model", required=True, choices=sorted(MODELS))
-    p.add_argument("--checkpoint", help="trained weights ({'model_state': ...} or a state_dict); default: the "
+    p.add_argument("--checkpoint", type=cli_types.input_file(".pth", as_path=False), help="trained weights ({'model_state': ...} or a state_dict); default: the "
                                         "model's shipped weights, else seeded ones (accuracy then means nothing)")
     p.add_argument("--let", action="store_true", help="the LET variant of a SCARLET model")
     p.add_argument("--images", help="ImageNet-style <wnid>/*.JPEG folder to calibrate and verify on "

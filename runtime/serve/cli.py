@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from scarlet_deploy.export.registry import MODELS, get_spec
+from scarlet_deploy.runtime.core import cli_types
 from scarlet_deploy.runtime.core.artifacts import read_manifest
 from scarlet_deploy.runtime.core.cli_types import nonneg_int, port, positive_float, positive_int
 from scarlet_deploy.runtime.core.errors import ScarletError
@@ -110,8 +111,8 @@ def _serve_request(args: argparse.Namespace) -> ServeRequest:
 
 
 def _artifact_args(p: argparse.ArgumentParser, onnx_required: bool = True) -> None:
-    p.add_argument("--onnx", required=onnx_required, help="the exported ONNX (names, types and dims are read from it)")
-    p.add_argument("--engine", help="a TensorRT plan built from that ONNX by `scarlet engine` (GPU only)")
+    p.add_argument("--onnx", required=onnx_required, type=cli_types.input_file(".onnx", as_path=False), help="the exported ONNX (names, types and dims are read from it)")
+    p.add_argument("--engine", type=cli_types.input_file(".plan", as_path=False), help="a TensorRT plan built from that ONNX by `scarlet engine` (GPU only)")
     p.add_argument("--model", help="Triton model name (default: the manifest's model, else the file name)")
 
 

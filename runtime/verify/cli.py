@@ -28,13 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, choices=[*sorted(MODELS), *SEED_MODELS],
                    help="Scarlet_A/B/C (SCARLET-NAS's names) are scarlet_a/b/c")
     p.add_argument("--let", action="store_true", help="the SCARLET network with LET layers")
-    p.add_argument("--checkpoint", help="PyTorch checkpoint; default: shipped (Lite0) or seeded weights, as export uses")
+    p.add_argument("--checkpoint", type=cli_types.input_file(".pth", as_path=False), help="PyTorch checkpoint; default: shipped (Lite0) or seeded weights, as export uses")
     p.add_argument("--seed", type=cli_types.seed, default=0, help="seed of the seeded weights (as given to export)")
-    p.add_argument("--onnx", action="append", type=Path, default=[], help="ONNX model to check (repeatable)")
+    p.add_argument("--onnx", action="append", type=cli_types.input_file(".onnx"), default=[], help="ONNX model to check (repeatable)")
     p.add_argument("--auto-onnx", type=Path, metavar="DIR",
                    help="also every DIR/<model>*.onnx whose manifest names this model (FP32, FP16, INT8); "
                         "exports DIR/<model>.onnx first when there is none")
-    p.add_argument("--engine", action="append", type=Path, default=[], help="TensorRT plan (repeatable; GPU only)")
+    p.add_argument("--engine", action="append", type=cli_types.input_file(".plan"), default=[], help="TensorRT plan (repeatable; GPU only)")
     p.add_argument("--backends", type=lambda t: [r.strip() for r in t.split(",") if r.strip()], default=["ort"],
                    help=f"CPU runtimes every ONNX runs on, comma-separated: {', '.join(ONNX_RUNTIMES)} (default ort); "
                         "each gated by its precision's threshold, unavailable ones skipped with the reason")
@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     seed.add_argument("--val-dataset-root", type=Path, metavar="ROOT",
                       help="ROOT/valid/<wnid>/*.JPEG (what the seed's preprocess_val_dataset.sh makes); without "
                            "valid/, ROOT is read as --val-dir reads it")
-    seed.add_argument("--pretrained-path", metavar="P",
+    seed.add_argument("--pretrained-path", metavar="P", type=cli_types.input_file(".pth", as_path=False),
                       help="the same as --checkpoint: {'model_state': state_dict} (the SCARLET-NAS release) or a state_dict")
     seed.add_argument("--batch-size", type=cli_types.positive_int, metavar="N", help="the same as --batch")
     seed.add_argument("--device", choices=("cpu", "cuda"),

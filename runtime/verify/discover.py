@@ -7,7 +7,7 @@ from typing import Any
 
 from scarlet_deploy.export.registry import get_spec
 from scarlet_deploy.runtime.core.errors import ScarletError
-from scarlet_deploy.runtime.core.onnx_io import check_classifier
+from scarlet_deploy.runtime.core.onnx_io import check_classifier, graph_precision
 from scarlet_deploy.runtime.runners.openvino import OV_BACKENDS, ov_unavailable
 from scarlet_deploy.runtime.runners.registry import ONNX_RUNTIMES
 from scarlet_deploy.runtime.verify.config import VerifyConfig
@@ -58,14 +58,7 @@ def detect_precision(path: Path, manifest: dict[str, Any] | None) -> str:
         return "fp16"
     if path.suffix != ".onnx":
         return "fp32"
-    import onnx
-
-    g = onnx.load(str(path), load_external_data=False).graph
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.op_type.startswith("QLinear") for n in g.node):
-        return "int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in g.initializer):
-        return "fp16"
-    return "fp32"
+    return graph_precision(path)
 
 
 def describe_backend(path: str | os.PathLike, kind: str = "ort") -> Backend:

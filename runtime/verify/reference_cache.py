@@ -4,7 +4,8 @@ A new INT8 or FP16 model is checked against the same PyTorch logits as the last 
 50,000 images recomputing them costs most of the run. An entry is a folder
 `<root>/<model>[-let]-<digest>/` holding `logits.npy` (float32, (images, classes), one row
 per image in dataset order; memory-mappable) and `meta.json` (the key, the logits' sha256,
-the rows no pipeline could read, and when, where and how fast the reference was computed).
+the rows no pipeline could read, and when, where and how fast the reference was computed;
+each of these is checked for its type and range when read back, as the logits are against their sha256).
 
 The key: model and LET variant, the weights (checkpoint sha256, or seeded + seed + a hash
 of the seeded tensors), the preprocessing (its parameters and its code), the model's code
@@ -24,6 +25,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -160,6 +162,26 @@ class _Rows:
             self.fd = -1
 
 
+def check_info(meta: dict[str, Any], images: int) -> None:
+    """What a report takes from meta.json besides the logits, each of the type and range it must have
+    (ValueError saying which is not): a negative or NaN images/s would print a negative projected time,
+    a string one would fail deep in the report."""
+    skipped = meta.get("skipped")
+    if not isinstance(skipped, dict):
+        raise ValueError(f"meta.json's skipped is {skipped!r}, not its table of unreadable images")
+    for k, v in skipped.items():
+        if not (k.isascii() and k.isdigit() and int(k) < images and isinstance(v, str)):
+            raise ValueError(f"meta.json's skipped (unreadable images) holds {k!r}: {v!r}, not an image index below "
+                             f"{images} with a reason")
+    rate = meta.get("images_per_s")
+    if rate is not None and not (isinstance(rate, (int, float)) and not isinstance(rate, bool)
+                                 and math.isfinite(rate) and rate > 0):
+        raise ValueError(f"meta.json's images_per_s is {rate!r}, not a positive finite number")
+    for field in ("created", "device", "machine", "torch"):
+        if meta.get(field) is not None and not isinstance(meta[field], str):
+            raise ValueError(f"meta.json's {field} is {meta[field]!r}, not text")
+
+
 class CachedReference:
     """A complete, checked entry: rows of PyTorch logits by dataset position."""
 
@@ -255,6 +277,8 @@ class ReferenceCache:
                 meta = json.loads((folder / "meta.json").read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"its meta.json is not JSON ({e})") from None
+            if not isinstance(meta, dict):
+                raise ValueError(f"its meta.json holds a {type(meta).__name__}, not an object")
             if meta.get("format") != FORMAT or meta.get("digest") != key.digest() or meta.get("key") != key.as_json():
                 raise ValueError("its meta.json is for another key or format")
             rows = _Rows(folder / "logits.npy", key.images, key.classes, writable=False)
@@ -265,9 +289,11 @@ class ReferenceCache:
             if not finite:
                 rows.close()
                 raise ValueError("logits.npy holds NaN or Inf")
-            if not isinstance(meta.get("skipped"), dict):
+            try:
+                check_info(meta, key.images)
+            except ValueError:
                 rows.close()
-                raise ValueError("meta.json has no list of unreadable images")
+                raise
         except (OSError, ValueError, KeyError, TypeError) as e:
             return None, f"ignored the cached reference in {folder}: {e}; recomputing it"
         return CachedReference(folder, meta, rows), None

@@ -133,6 +133,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def verify(cfg: VerifyConfig, loaded=None) -> VerifyReport:
     """Run the pass and return the report; `loaded` (export.checkpoint.LoadedModel) skips loading."""
+    with contextlib.ExitStack() as run_scope:  # what this run holds (the journal's lock) is let go however it ends
+        return _verify(cfg, loaded, run_scope)
+
+
+def _verify(cfg: VerifyConfig, loaded, run_scope: contextlib.ExitStack) -> VerifyReport:
     import torch
     from tqdm import tqdm
 
@@ -171,7 +176,15 @@ def verify(cfg: VerifyConfig, loaded=None) -> VerifyReport:
         notes += [why] if why else []
     identity = {"reference_key": key.digest(), "reference": "cache" if cached else device, "batch": cfg.batch,
                 "backends": [_artifact_identity(b) for b in backends], "pipelines": list(pipelines)}
-    journal = Journal(cfg.cache_dir / "verify-resume" if cfg.cache_dir is not None else None, identity, cfg.resume)
+    zeros = np.zeros((1, spec.num_classes), np.float32)
+    template = {**reference_rows(zeros), **{k: v for p in prefixes for k, v in backend_rows(p, zeros, zeros).items()}}
+    if deploy_on:
+        template.update(backend_rows("pipe", zeros, zeros))
+    clocks = ["t.wait", "t.ref", *[f"t.{p}" for p in prefixes], *(["t.pipe"] if deploy_on else []), "t.wall"]
+
+    journal = Journal(cfg.cache_dir / "verify-resume" if cfg.cache_dir is not None else None, identity, cfg.resume,
+                      columns=[*template, "pos", "ok", "why", *clocks])
+    run_scope.callback(journal.close)
     notes += journal.notes
     writer = None
     if cache and not cached:
@@ -211,16 +224,10 @@ def verify(cfg: VerifyConfig, loaded=None) -> VerifyReport:
             else:
                 yield pos, skipped, b.tensors
 
-    zeros = np.zeros((1, spec.num_classes), np.float32)
-    template = {**reference_rows(zeros), **{k: v for p in prefixes for k, v in backend_rows(p, zeros, zeros).items()}}
-    if deploy_on:
-        template.update(backend_rows("pipe", zeros, zeros))
-
     torch_runner = None if cached else TorchRunner(loaded.model, threads=threads, device=device).load()
     workers = (os.cpu_count() or 1) if cfg.workers is None else cfg.workers
     buffer: list[dict[str, np.ndarray]] = []
     seconds: dict[str, float] = defaultdict(float)
-    clocks = ["t.wait", "t.ref", *[f"t.{p}" for p in prefixes], *(["t.pipe"] if deploy_on else []), "t.wall"]
 
     def flush() -> None:
         if not buffer:
@@ -295,7 +302,10 @@ def verify(cfg: VerifyConfig, loaded=None) -> VerifyReport:
     ok = cols["ok"]
     skipped = [{"path": files[i], "why": str(cols["why"][i])} for i in np.flatnonzero(~ok)]
     decoded = int(ok.sum())
-    if not decoded:
+    if not decoded:  # nothing to resume or cache: no partial reference, no journal left behind
+        if writer:
+            writer.discard()
+        journal.discard()
         raise ScarletError(f"none of the {len(ds.items)} images could be read ({skipped[0]['why'] if skipped else ''}); "
                            "check the folder.")
     good = {k: v[ok] for k, v in cols.items() if np.ndim(v) and k not in ("pos", "ok", "why")}
