@@ -45,6 +45,9 @@ class CalibConfig:
     bias_images: int = 64  # calibration images the bias correction averages over
     baseline: bool = True  # plain onnxruntime quantize_static on the same images, in the report
     layer_error_images: int = 16  # selection images for the per-layer error table (0: no table)
+    # After the search, try each float layer back in INT8, costliest first: fewer float layers, one model
+    # build and evaluation per layer (minutes on OpenVINO). `scarlet deploy` times the result instead.
+    prune_search: bool = True
 
 
 @dataclass
@@ -269,7 +272,7 @@ def calibrate_target(bench: Bench, cfg: CalibConfig) -> CalibResult:
 
         found = search.mixed_precision(ranked, build_and_eval, bench.fp32_select.top1 if bench.fp32_select else None,
                                        cfg.max_top1_drop, cfg.min_agreement,
-                                       costs=search.layer_costs(bench.onnx, groups))
+                                       costs=search.layer_costs(bench.onnx, groups) if cfg.prune_search else None)
 
         def finish(exclude: list[str], tag: str, known: evaluate.Accuracy | None):
             """Quantise with `exclude` float, then bias-correct: (uncorrected, kept, selection accuracy, info)."""

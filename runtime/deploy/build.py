@@ -60,6 +60,7 @@ class Int8Settings:
     search: bool  # accuracy-budget search (trained weights only)
     max_top1_drop: float | None
     min_agreement: float | None
+    prune_search: bool = False  # deploy times the searched model instead of pruning its float layers
 
 
 def int8_path(fp32: Path, target: str) -> Path:
@@ -96,6 +97,7 @@ def int8(bench, fp32: Path, s: Int8Settings) -> Path:
         num_select=s.num_select, seed=s.seed, model=bench.model,
         # the deploy's own gates and report take the place of calibrate's baseline, error tables and speed check
         baseline=False, layer_error_images=0, bench_rounds=0, compare_methods=False, threads=bench.threads,
+        prune_search=False,
         cache=path.with_name(path.name + ".ranges.json"), refresh_stale_cache=True, **budget)
     r = pipeline.calibrate_target(bench, cfg)
     write_json_atomic(Path(str(path) + STAMP_SUFFIX), {

@@ -64,16 +64,16 @@ def choose(contenders: list[Contender]) -> Decision:
     chosen = min(tied, key=lambda c: (c.tier, c.order))
     for c in passing:
         r = round_ratios(chosen, c)
-        spread = f"{np.median(r):.2f}x ({r.min():.2f}-{r.max():.2f} over {len(r)} rounds)" if len(r) else "n/a"
+        spread = f"{np.median(r):.2f}x (rounds {r.min():.2f}-{r.max():.2f})" if len(r) else "n/a"
         if c is chosen:
             why[c.name] = ("chosen: the fastest that passes" if c is fastest else
                            f"chosen: within the run's noise of the fastest, {fastest.name}, and simpler "
                            f"({fastest.name} / {c.name}: {_ratio(fastest, c)})")
         elif c in tied:
-            why[c.name] = (f"within noise of {chosen.name} but {'more complex' if c.tier > chosen.tier else 'listed later'}: "
-                           f"{chosen.name} / {c.name} = {spread}")
+            why[c.name] = (f"ties {chosen.name} within noise, {'more complex' if c.tier > chosen.tier else 'listed later'}: "
+                           f"{chosen.name}/{c.name} {spread}")
         else:
-            why[c.name] = f"slower: {chosen.name} / {c.name} = {spread}"
+            why[c.name] = f"slower: {chosen.name}/{c.name} {spread}"
     return Decision(chosen.name, fastest.name, why)
 
 

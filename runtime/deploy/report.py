@@ -157,14 +157,14 @@ def summary(d: dict[str, Any], package: Path | None) -> str:
     objective = d["objective"]
     env = d["environment"]["machine"]
     lines = [f"scarlet deploy {d['model']} on {env['cpu']} ({env['isa']}), {objective} objective, {d['seconds']} s",
-             f"{'backend':<10} {'prec':<5} {'gates':<11} {'agreement % [95% CI]':<22} {'speed':<18} {'vs ORT':<7} verdict"]
+             f"{'backend':<13} {'prec':<5} {'gates':<11} {'agreement % [95% CI]':<21} {'speed':<25} {'vs ORT':<7} verdict"]
     for r in d["candidates"]:
         v = r.get("verification") or {}
         a = v.get("agreement")
         agree = f"{a['value']:.1f} [{a['low']:.1f}, {a['high']:.1f}]" if a else "-"
         verdict = (r.get("decision") or r.get("why") or "")
-        lines.append(f"{r['backend']:<10} {r['precision']:<5} {r['status']:<11} {agree:<22} "
-                     f"{_speed_cell(r, objective) or '-':<18} {_ratio(r, 'vs_ort_fp32') or '-':<7} {verdict[:90]}")
+        lines.append(f"{r['backend']:<13} {r['precision']:<5} {r['status']:<11} {agree:<21} "
+                     f"{_speed_cell(r, objective) or '-':<25} {_ratio(r, 'vs_ort_fp32') or '-':<7} {verdict[:100]}")
     chosen = d["decision"]["chosen"]
     if chosen and package:
         lines += [f"chosen: {chosen} -> package {package}",
