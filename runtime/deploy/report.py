@@ -86,12 +86,12 @@ def markdown(d: dict[str, Any], plot_name: str | None = None) -> str:
             f"**{r['backend']}**" if r["backend"] == chosen else r["backend"], r["precision"], r["status"],
             f"{agree['value']:.1f} [{agree['low']:.1f}, {agree['high']:.1f}]" if agree else "",
             f"{v['top1']['value']:.1f}" if v.get("top1") else "",
-            f"{change['drop_points']:+.2f} (p={change['p_value']:.2g})" if change else "",
+            f"{-change['drop_points']:+.2f} (p={change['p_value']:.2g})" if change else "",
             fmt(v.get("kl_mean")) if v.get("kl_mean") is not None else "",
             f"{v['max_rel_error']:.1e}" if v.get("max_rel_error") is not None else "",
             _speed_cell(r, objective), _ratio(r, "vs_ort_fp32"), _ratio(r, "vs_pytorch"),
             r.get("decision") or r.get("why") or ""])
-    md.append(markdown_table(["backend", "precision", "gates", "agreement % [95 % CI]", "top-1 %", "top-1 drop (McNemar)",
+    md.append(markdown_table(["backend", "precision", "gates", "agreement % [95 % CI]", "top-1 %", "top-1 change, points (McNemar p)",
                               "KL", "max rel. err", speed_head, "vs ORT FP32", "vs PyTorch", "verdict"], rows))
     t = d.get("pytorch_eager") or {}
     if t:
@@ -128,6 +128,7 @@ def plot_png(d: dict[str, Any]) -> bytes | None:
                     capsize=3)
         ax.annotate(name + (" (chosen)" if chosen else ""), (agree["value"], y), textcoords="offset points", xytext=(6, 6))
     ax.axvline(d["gates"]["min_agreement"], color="grey", linestyle="--", linewidth=1)
+    ax.margins(x=0.12, y=0.08)  # room for the labels of points at 100 % agreement
     ax.set_xlabel("top-1 agreement with PyTorch, % (95 % CI)")
     ax.set_ylabel(f"images/s at batch {d['batch']}" if throughput else "p50 latency, ms (batch 1)")
     env = d["environment"]["machine"]
