@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-verify", type=positive_int, default=1000,
                    help="most verification images, sampled across classes (default 1000)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timing rounds (default 5)")
-    p.add_argument("--seconds", type=positive_float, default=1.0, help="seconds per backend and round (default 1)")
+    p.add_argument("--seconds", type=positive_float, default=0.5, help="seconds per backend and round (default 0.5)")
     p.add_argument("--threads", type=positive_int, help="threads for every runtime (default: physical cores)")
     p.set_defaults(func=run_deploy)
 

@@ -47,7 +47,7 @@ class DeployConfig:
     seed: int = 0
     threads: int | None = None
     repeats: int = 5
-    seconds: float = 1.0
+    seconds: float = 0.5  # per backend and round: 8 backends x 5 rounds keep a rerun within a minute
 
     def __post_init__(self) -> None:
         from scarlet_deploy.export.registry import get_spec
