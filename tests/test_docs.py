@@ -62,3 +62,67 @@ def test_ci_runs_the_test_command_the_readme_gives():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     quick_start = (ROOT / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
     assert "make test" in quick_start and "make deploy" in quick_start
+
+
+# ---- docs/commands.md's flag tables are generated from the parsers, so they cannot drift from --help ----
+
+FLAGS_START, FLAGS_END = "<!-- flags:start (generated: SCARLET_UPDATE_DOCS=1 pytest tests/test_docs.py) -->", "<!-- flags:end -->"
+
+
+def flag_tables() -> str:
+    """A markdown table per `scarlet` sub-command, read from its argparse parser."""
+    import argparse
+
+    from scarlet_deploy.runtime.cli import build_parser
+
+    def cell(s) -> str:
+        return " ".join(str(s).split()).replace("|", "\\|")
+
+    import os
+
+    saved = os.environ.pop("SCARLET_CACHE_DIR", None)  # verify's default reads it; the test session sets it
+    try:
+        parser = build_parser()
+    finally:
+        if saved is not None:
+            os.environ["SCARLET_CACHE_DIR"] = saved
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {ca.dest: ca.help for ca in sub._choices_actions}
+    out = []
+    for name, sp in sub.choices.items():
+        out.append(f"### `scarlet {name}`\n")
+        if helps.get(name):
+            out.append(cell(helps[name]).rstrip(".") + ".\n")
+        out.append("| flag | default | what it does |\n|---|---|---|")
+        for a in sp._actions:
+            if isinstance(a, argparse._HelpAction) or a.help == argparse.SUPPRESS:
+                continue
+            if a.option_strings:
+                flag = ", ".join(a.option_strings)
+                if a.nargs != 0:
+                    mv = a.metavar or (("{" + ",".join(map(str, a.choices)) + "}") if a.choices else a.dest.upper())
+                    flag += f" {' '.join(mv) if isinstance(mv, tuple) else mv}" + (" ..." if a.nargs in ("+", "*") else "")
+            else:
+                flag = (a.metavar or a.dest) + (" ..." if a.nargs in ("+", "*") else "")
+            d = a.default
+            shown = "" if a.nargs == 0 or d in (None, False, [], ()) or d is argparse.SUPPRESS else \
+                f"`{cell(' '.join(map(str, d)) if isinstance(d, (list, tuple)) else d)}`"
+            req = " (required)" if getattr(a, "required", False) and a.option_strings else ""
+            out.append(f"| `{cell(flag)}`{req} | {shown} | {cell(a.help or '')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def test_commands_md_flag_tables_match_the_parsers():
+    import os
+
+    path = ROOT / "docs" / "commands.md"
+    text = path.read_text()
+    assert FLAGS_START in text and FLAGS_END in text, f"{path} lost its generated-flags markers"
+    head, rest = text.split(FLAGS_START, 1)
+    _, tail = rest.split(FLAGS_END, 1)
+    want = f"{FLAGS_START}\n\n{flag_tables()}\n{FLAGS_END}"
+    if os.environ.get("SCARLET_UPDATE_DOCS"):
+        path.write_text(head + want + tail)
+    assert head + want + tail == path.read_text(), \
+        "docs/commands.md's flag tables differ from the parsers: run SCARLET_UPDATE_DOCS=1 pytest tests/test_docs.py"
