@@ -67,8 +67,8 @@ def choose(contenders: list[Contender]) -> Decision:
         spread = f"{np.median(r):.2f}x (rounds {r.min():.2f}-{r.max():.2f})" if len(r) else "n/a"
         if c is chosen:
             why[c.name] = ("chosen: the fastest that passes" if c is fastest else
-                           f"chosen: within the run's noise of the fastest, {fastest.name}, and simpler "
-                           f"({fastest.name} / {c.name}: {_ratio(fastest, c)})")
+                           f"chosen: ties the fastest, {fastest.name}, within noise and is simpler "
+                           f"({fastest.name}/{c.name} {_ratio(fastest, c)})")
         elif c in tied:
             why[c.name] = (f"ties {chosen.name} within noise, {'more complex' if c.tier > chosen.tier else 'listed later'}: "
                            f"{chosen.name}/{c.name} {spread}")
@@ -79,4 +79,4 @@ def choose(contenders: list[Contender]) -> Decision:
 
 def _ratio(a: Contender, b: Contender) -> str:
     r = round_ratios(a, b)
-    return f"{np.median(r):.2f}x, {r.min():.2f}-{r.max():.2f}"
+    return f"{np.median(r):.2f}x, rounds {r.min():.2f}-{r.max():.2f}"

@@ -217,7 +217,8 @@ def deploy(cfg: DeployConfig) -> DeployResult:
                       for i, r in enumerate(rows) if r.status in ("passed", "failed")]
         decision = decide.choose(contenders)
         for r in rows:
-            r.decision = decision.why.get(r.candidate.name, r.why)
+            # a failed candidate's verdict is the gate it failed, with its figures
+            r.decision = f"failed: {r.why}" if r.status == "failed" else decision.why.get(r.candidate.name, r.why)
         chosen = next((r for r in rows if r.candidate.name == decision.chosen), None)
         deploy_logits = None
         if chosen is not None:
