@@ -126,3 +126,35 @@ def lite0_trt_qdq(lite0_onnx, val_files, tmp_path_factory) -> Path:
                          "method": "minmax", "source_onnx": str(lite0_onnx),
                          "source_onnx_sha256": sha256_file(lite0_onnx), "sha256": sha256_file(out)})
     return out
+
+
+@pytest.fixture(scope="session")
+def start_scarlet_serve():
+    """start_scarlet_serve(args, log) -> (process, ports): `scarlet serve ARGS` on free loopback ports, once Triton
+    answers ready (180 s at most). The caller stops it."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from scarlet_deploy.runtime.serve.server import free_ports
+
+    def start(args: list[str], log: Path):
+        ports = free_ports()
+        proc = subprocess.Popen([sys.executable, "-m", "scarlet_deploy.runtime.cli", "serve", *args,
+                                 "--http-port", str(ports.http), "--grpc-port", str(ports.grpc),
+                                 "--metrics-port", str(ports.metrics), "--max-batch", "8", "--log", str(log)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"scarlet serve exited: {proc.stdout.read()}\n{log.read_text() if log.exists() else ''}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return proc, ports
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "Triton was not ready within 180 s"
+            time.sleep(0.5)
+
+    return start

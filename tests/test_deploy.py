@@ -260,37 +260,17 @@ def test_deploy_cli_exit_1_when_nothing_passes(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_check_against_scarlet_serve_of_the_package(package, tmp_path):
+def test_check_against_scarlet_serve_of_the_package(package, tmp_path, start_scarlet_serve):
     """`scarlet serve --package` (a real Triton on free loopback ports), then `scarlet check --server`
-    over HTTP and gRPC; a server serving another model's package is caught."""
-    import os
+    over HTTP and gRPC; logits the server does not give, and a server that is not there, are caught."""
     import signal
     import subprocess
-    import sys
-    import time
-    import urllib.request
 
     from scarlet_deploy.runtime.serve.server import free_ports
 
     pkg = copy_of(package, tmp_path)
-    ports = free_ports()
-    log = tmp_path / "triton.log"
-    proc = subprocess.Popen([sys.executable, "-m", "scarlet_deploy.runtime.cli", "serve", "--package", str(pkg),
-                             "--http-port", str(ports.http), "--grpc-port", str(ports.grpc),
-                             "--metrics-port", str(ports.metrics), "--max-batch", "8", "--log", str(log)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc, ports = start_scarlet_serve(["--package", str(pkg)], tmp_path / "triton.log")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"scarlet serve exited: {proc.stdout.read()}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "Triton was not ready within 180 s"
-            time.sleep(0.5)
         for url in (f"http://127.0.0.1:{ports.http}", f"grpc://127.0.0.1:{ports.grpc}"):
             r = check_mod.check_package(pkg, server=url)
             assert r.passed and r.where == url and r.drift_max_rel <= 1e-5, r.text()
@@ -302,8 +282,8 @@ def test_check_against_scarlet_serve_of_the_package(package, tmp_path):
         with pytest.raises(ScarletError, match="cannot check against Triton"):
             check_mod.check_package(pkg, server=f"http://127.0.0.1:{free_ports().http}")
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # scarlet serve stops Triton and its stubs itself
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()

@@ -66,24 +66,9 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(lite0_onnx, tmp_path_factory):
-    ports = free_ports()
-    log = tmp_path_factory.mktemp("serve") / "triton.log"
-    proc = subprocess.Popen([sys.executable, "-m", "scarlet_deploy.runtime.cli", "serve", "--onnx", str(lite0_onnx),
-                             "--model", NAME, "--http-port", str(ports.http), "--grpc-port", str(ports.grpc),
-                             "--metrics-port", str(ports.metrics), "--max-batch", "8", "--log", str(log)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, f"scarlet serve exited: {proc.stdout.read()}\n{log.read_text() if log.exists() else ''}"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "Triton was not ready within 180 s"
-        time.sleep(0.5)
+def server(lite0_onnx, tmp_path_factory, start_scarlet_serve):
+    proc, ports = start_scarlet_serve(["--onnx", str(lite0_onnx), "--model", NAME],
+                                      tmp_path_factory.mktemp("serve") / "triton.log")
     yield proc, ports
     if proc.poll() is None:
         proc.kill()
