@@ -70,10 +70,25 @@ def server(lite0_onnx, tmp_path_factory, start_scarlet_serve):
     proc, ports = start_scarlet_serve(["--onnx", str(lite0_onnx), "--model", NAME],
                                       tmp_path_factory.mktemp("serve") / "triton.log")
     yield proc, ports
-    if proc.poll() is None:
+    stop_scarlet_serve(proc)
+
+
+def stop_scarlet_serve(proc) -> None:
+    """SIGTERM, as a user's Ctrl-C: scarlet serve stops Triton and its stubs. Only if it hangs, SIGKILL it and
+    everything it started, found before the kill (a killed parent's children are re-parented at once)."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        group = _group_of(proc.pid)
         proc.kill()
-        for pid in _group_of(proc.pid):
-            os.kill(pid, signal.SIGKILL)
+        for pid in group:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture(scope="module")
