@@ -30,9 +30,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt nvidia-pytriton
 	touch $(STAMP)
 
-## make export [MODELS="scarlet_a ..."] [CKPT=path]: ONNX + manifest per model into build/
+## make export [MODELS="scarlet_a ..."] [CKPT=path] [EXPORTER=dynamo|torchscript]: ONNX + manifest per model into build/
+EXPORTER ?=
 export: setup
-	$(SCARLET) export-all --models $(MODELS) $(ckpt_arg) --out-dir $(BUILD)
+	$(SCARLET) export-all --models $(MODELS) $(ckpt_arg) $(if $(EXPORTER),--exporter $(EXPORTER)) --out-dir $(BUILD)
 
 ## make verify [MODEL=...] [LET=1] [CKPT=...] [VAL_DIR=...] [LIMIT=N] [BACKENDS=ort,ov,ov-bf16] [DEVICE=cuda] [RESUME=1]: PyTorch vs every build/<model>*.onnx; exit 1 on failure
 BACKENDS ?=
