@@ -5,6 +5,7 @@ import io
 import os
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,18 @@ def _dynamo(model: torch.nn.Module, opset: int, batch: int | None) -> "onnx.Mode
     return program.model_proto
 
 
+def build_onnx(folded: torch.nn.Module, opset: int, batch: int | None,
+               exporter: str = DEFAULT_EXPORTER) -> tuple["onnx.ModelProto", Counter]:  # noqa: F821
+    """A folded network as the ONNX we ship, from either exporter: exported and simplified, h-activations fused,
+    canonical, checked, shapes inferred (strict). Returns it and the fused-op counts."""
+    import onnx
+
+    model, fused = fuse_hard_activations(to_onnx(folded, opset, batch, exporter))
+    model, _ = canonicalize(model)
+    onnx.checker.check_model(model, full_check=True)
+    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True), fused
+
+
 def measure_parity(reference: torch.nn.Module, onnx_bytes: bytes, x: np.ndarray, source: str) -> Parity:
     import onnxruntime as ort
 
@@ -160,11 +173,7 @@ def export_model(cfg: ExportConfig, loaded: LoadedModel | None = None) -> Export
     t0 = time.perf_counter()
     loaded = loaded or load_model(cfg.model, cfg.let, cfg.checkpoint, cfg.seed)
     folded, fates = fold(loaded.model)
-    model = to_onnx(folded, opset, batch, cfg.exporter)
-    model, fused = fuse_hard_activations(model)
-    model, _ = canonicalize(model)
-    onnx.checker.check_model(model, full_check=True)
-    model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    model, fused = build_onnx(folded, opset, batch, cfg.exporter)
     data = model.SerializeToString(deterministic=True)
 
     # seed 1: synthetic parity images differ from the ones seeded weights were fitted on
