@@ -10,7 +10,8 @@ change nothing numerically but do change what calibration, FP16 conversion and t
 - dynamo writes each node's Python stack trace (with the checkout's absolute paths), module path and FX
   node as metadata, and value_info with its own dimension names: none of it is needed to run the model,
   and the stack traces would make the bytes depend on where the checkout lives. Doc strings and metadata
-  are dropped and value_info is left to the strict shape inference that follows.
+  are dropped (onnxsim's record of its own settings too: the manifest has the tool versions), and value_info
+  is left to the strict shape inference that follows.
 """
 from __future__ import annotations
 
