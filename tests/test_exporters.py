@@ -92,6 +92,9 @@ def _reduce_mean_model(axes, keepdims, opset):
         kw["axes"] = axes
     k = helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array(2.0, np.float32)))
     nodes = [k, helper.make_node("ReduceMean", inputs, ["m"], **kw), helper.make_node("Mul", ["m", "k"], ["y"])]
+    # what dynamo attaches to every node (onnxsim happens to drop it today; canonicalize must not rely on that)
+    helper.set_metadata_props(nodes[1], {"pkg.torch.onnx.stack_trace": f'File "{REPO}/export/scarlet.py", line 1'})
+    nodes[1].doc_string = "stack"
     return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", opset)])
 
 
@@ -103,6 +106,7 @@ def test_only_a_spatial_mean_that_keeps_dims_becomes_global_average_pool(axes, k
     out, done = canonicalize(model)
     assert op_histogram(out) == ({"GlobalAveragePool": 1, "Mul": 1} if pooled else {"Mul": 1, "ReduceMean": 1})
     assert [i.name for i in out.graph.initializer] == (["k"] if pooled or opset < 18 else ["axes", "k"])
+    assert not any(n.metadata_props or n.doc_string for n in out.graph.node)
     onnx.checker.check_model(out, full_check=True)
     x = np.random.default_rng(0).standard_normal((2, 4, 5, 5)).astype(np.float32)
     import onnxruntime as ort
