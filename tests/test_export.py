@@ -104,10 +104,12 @@ def test_hard_activations_are_fused_and_equal(exporter, opset):
         np.testing.assert_allclose(out, m(torch.from_numpy(x)).numpy(), atol=1e-5)
 
 
-def test_export_is_deterministic(tmp_path, loaded_model):
+# dynamo's two exports take ~20 s; tests/test_exporters.py checks its determinism on a small network in the fast set.
+@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "torchscript"])
+def test_export_is_deterministic(tmp_path, loaded_model, exporter):
     lm = loaded_model("efficientnet_lite0")
-    a = export_model(ExportConfig("efficientnet_lite0", tmp_path / "a.onnx"), lm).output.read_bytes()
-    b = export_model(ExportConfig("efficientnet_lite0", tmp_path / "b.onnx"), lm).output.read_bytes()
+    a = export_model(ExportConfig("efficientnet_lite0", tmp_path / "a.onnx", exporter=exporter), lm).output.read_bytes()
+    b = export_model(ExportConfig("efficientnet_lite0", tmp_path / "b.onnx", exporter=exporter), lm).output.read_bytes()
     assert a == b
 
 
@@ -123,6 +125,19 @@ def test_failed_export_leaves_nothing(tmp_path, loaded_model, monkeypatch):
 
     monkeypatch.setattr(ex, "measure_parity", broken)
     with pytest.raises(ScarletError, match="nothing was written"):
+        # torchscript: the gate is the same after either exporter, and this one takes 2 s, not 10
+        export_model(ExportConfig("efficientnet_lite0", tmp_path / "x.onnx", exporter="torchscript"),
+                     loaded_model("efficientnet_lite0"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_dynamo_cannot_trace_is_an_error_naming_the_other_exporter(tmp_path, loaded_model, monkeypatch):
+    def fails(*a, **k):
+        raise RuntimeError("Dynamic control flow is not supported\nlong trace")
+
+    monkeypatch.setattr(torch.onnx, "export", fails)
+    with pytest.raises(ScarletError, match=r"dynamo exporter could not export .*RuntimeError: Dynamic control flow is not supported\)"
+                                           r".*--exporter torchscript"):
         export_model(ExportConfig("efficientnet_lite0", tmp_path / "x.onnx"), loaded_model("efficientnet_lite0"))
     assert list(tmp_path.iterdir()) == []
 
