@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--let", action="store_true", help="the network with a LET in every identity slot")
     p.add_argument("--checkpoint", help="PyTorch checkpoint (.pth/.pth.tar); default: shipped or seeded weights")
     p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
-                   help="dynamo (torch.export, default) or torchscript (deprecated by PyTorch; the reference it is checked against)")
+                   help="dynamo (torch.export, default) or torchscript (deprecated by PyTorch; the reference dynamo "
+                        "is checked against)")
     p.add_argument("--opset", type=cli_types.int_range(MIN_OPSET, MAX_OPSET), default=None,
                    help="ONNX opset; " + "; ".join(f"{e}: {lo}-{hi}, default {d}" for e, (lo, hi, d) in OPSETS.items()))
     p.add_argument("--batch", type=_batch, default="dynamic", help="'dynamic' (default) or a fixed batch size")
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--let", action="store_true")
     p.add_argument("--checkpoint", help="only with a single model")
     p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
-                   help="dynamo (torch.export, default) or torchscript (deprecated by PyTorch; the reference it is checked against)")
+                   help="dynamo (torch.export, default) or torchscript (deprecated by PyTorch; the reference dynamo "
+                        "is checked against)")
     p.add_argument("--opset", type=cli_types.int_range(MIN_OPSET, MAX_OPSET), default=None,
                    help="ONNX opset; " + "; ".join(f"{e}: {lo}-{hi}, default {d}" for e, (lo, hi, d) in OPSETS.items()))
     p.add_argument("--out-dir", type=Path, default=Path("build"))

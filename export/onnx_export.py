@@ -91,7 +91,7 @@ def to_onnx(model: torch.nn.Module, opset: int, batch: int | None,
 
 
 def _torchscript(model: torch.nn.Module, opset: int, batch: int | None) -> "onnx.ModelProto":  # noqa: F821
-    """The TorchScript exporter: deprecated since torch 2.9, and kept as the reference the dynamo path is checked against."""
+    """The TorchScript exporter: deprecated since torch 2.9; kept as the reference the dynamo path is checked against."""
     import onnx
 
     buf = io.BytesIO()
@@ -130,8 +130,9 @@ def _dynamo(model: torch.nn.Module, opset: int, batch: int | None) -> "onnx.Mode
                                         input_names=["input"], output_names=["logits"], dynamic_shapes=dyn)
     except Exception as e:  # torch.export's errors are many classes, all meaning "this model does not trace"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ScarletError(f"the dynamo exporter could not export this model ({type(e).__name__}: {first}); nothing was "
-                           "written. Pass --exporter torchscript, and report this with the model and torch version.") from e
+        raise ScarletError(f"the dynamo exporter could not export this model ({type(e).__name__}: {first}); nothing "
+                           "was written. Pass --exporter torchscript, and report this with the model and torch "
+                           "version.") from e
     finally:
         log.setLevel(level)
     return program.model_proto

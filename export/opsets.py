@@ -1,4 +1,7 @@
-"""The exporters and the ONNX opsets each may write: here, not in onnx_export, so that `scarlet --help` needs no torch."""
+"""The exporters and the ONNX opsets each may write.
+
+Here, not in onnx_export, so that `scarlet --help` needs no torch.
+"""
 from __future__ import annotations
 
 from scarlet_deploy.runtime.core.errors import ScarletError
@@ -29,7 +32,7 @@ def resolve_opset(exporter: str, opset: int | None) -> int:
         raise ScarletError(f"--opset {opset} is too old for the {exporter} exporter ({why}); pass --opset {lo} or newer"
                            + (", or --exporter torchscript for opsets 14-17." if exporter == "dynamo" else "."))
     if opset > hi:
+        other = f", or --exporter dynamo for opsets up to {OPSETS['dynamo'][1]}." if exporter == "torchscript" else "."
         raise ScarletError(f"--opset {opset} is newer than the {exporter} exporter writes (at most {hi}); "
-                           f"pass --opset {hi} or less" + (", or --exporter dynamo for opsets up to "
-                                                           f"{OPSETS['dynamo'][1]}." if exporter == "torchscript" else "."))
+                           f"pass --opset {hi} or less{other}")
     return opset

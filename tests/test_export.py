@@ -136,8 +136,8 @@ def test_model_dynamo_cannot_trace_is_an_error_naming_the_other_exporter(tmp_pat
         raise RuntimeError("Dynamic control flow is not supported\nlong trace")
 
     monkeypatch.setattr(torch.onnx, "export", fails)
-    with pytest.raises(ScarletError, match=r"dynamo exporter could not export .*RuntimeError: Dynamic control flow is not supported\)"
-                                           r".*--exporter torchscript"):
+    with pytest.raises(ScarletError, match=r"dynamo exporter could not export .*RuntimeError: Dynamic control flow "
+                                           r"is not supported\).*--exporter torchscript"):
         export_model(ExportConfig("efficientnet_lite0", tmp_path / "x.onnx"), loaded_model("efficientnet_lite0"))
     assert list(tmp_path.iterdir()) == []
 

@@ -45,7 +45,8 @@ class _SmallSE(nn.Module):
 def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,8 @@ def _reduce_mean_model(axes, keepdims, opset):
     # what dynamo attaches to every node (onnxsim happens to drop it today; canonicalize must not rely on that)
     helper.set_metadata_props(nodes[1], {"pkg.torch.onnx.stack_trace": f'File "{REPO}/export/scarlet.py", line 1'})
     nodes[1].doc_string = "stack"
-    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", opset)])
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 @pytest.mark.parametrize("opset", [17, 18])
@@ -111,7 +113,9 @@ def test_only_a_spatial_mean_that_keeps_dims_becomes_global_average_pool(axes, k
     x = np.random.default_rng(0).standard_normal((2, 4, 5, 5)).astype(np.float32)
     import onnxruntime as ort
 
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
     np.testing.assert_allclose(run(out), run(model), rtol=1e-6)
 
 
@@ -120,7 +124,8 @@ def test_only_a_spatial_mean_that_keeps_dims_becomes_global_average_pool(axes, k
 def test_exporters_agree_on_every_variant(tmp_path, exported, loaded_model, eval_batch, name, let):
     """Both exporters' files, after every pass of ours, are one network: same operators, same logits on real images."""
     dyn = exported(name, let)  # the default exporter, shared with test_export
-    ts = export_model(ExportConfig(name, tmp_path / "ts.onnx", let=let, exporter="torchscript"), loaded_model(name, let))
+    ts = export_model(ExportConfig(name, tmp_path / "ts.onnx", let=let, exporter="torchscript"),
+                      loaded_model(name, let))
     assert (dyn.manifest["exporter"], ts.manifest["exporter"]) == ("dynamo", "torchscript")
     assert dyn.manifest["ops"] == ts.manifest["ops"] and dyn.manifest["fused"] == ts.manifest["fused"]
     assert dyn.manifest["lets"] == ts.manifest["lets"]
@@ -141,7 +146,8 @@ def test_an_official_checkpoint_exports_with_dynamo_and_matches_pytorch(tmp_path
     torch.save({"model_state": loaded_model(name).model.state_dict()}, ckpt)  # seeded weights with O(1) activations
     lm = load_model(name, checkpoint=str(ckpt))
     r = export_model(ExportConfig(name, tmp_path / f"{name}.onnx", checkpoint=str(ckpt)), lm)
-    assert r.manifest["exporter"] == "dynamo" and r.manifest["pretrained"] and r.manifest["parity"]["max_rel_error"] <= 1e-4
+    m = r.manifest
+    assert m["exporter"] == "dynamo" and m["pretrained"] and m["parity"]["max_rel_error"] <= 1e-4
     x = eval_batch(name, 32)
     with torch.inference_mode():
         ref = lm.model(torch.from_numpy(x)).numpy()
