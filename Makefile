@@ -42,9 +42,10 @@ SERVER ?=
 check: setup
 	$(SCARLET) check deploy/$(MODEL)$(if $(LET),-let) $(if $(SERVER),--server $(SERVER))
 
-## make export [MODELS="scarlet_a ..."] [CKPT=path]: ONNX + manifest per model into build/
+## make export [MODELS="scarlet_a ..."] [CKPT=path] [EXPORTER=dynamo|torchscript]: ONNX + manifest per model into build/
+EXPORTER ?=
 export: setup
-	$(SCARLET) export-all --models $(MODELS) $(ckpt_arg) --out-dir $(BUILD)
+	$(SCARLET) export-all --models $(MODELS) $(ckpt_arg) $(if $(EXPORTER),--exporter $(EXPORTER)) --out-dir $(BUILD)
 
 ## make verify [MODEL=...] [LET=1] [CKPT=...] [VAL_DIR=...] [LIMIT=N] [BACKENDS=ort,ov,ov-bf16] [DEVICE=cuda] [RESUME=1]: PyTorch vs every build/<model>*.onnx; exit 1 on failure
 BACKENDS ?=

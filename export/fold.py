@@ -66,7 +66,11 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _set_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    conv.weight = nn.Parameter(weight.to(torch.float32))
+    # Standard strides: einsum can leave a 1x1 kernel with channels-last strides (which .contiguous() keeps, the
+    # size-1 dims making both layouts "contiguous"); PyTorch then runs that conv and everything after it channels-last,
+    # torch.export records the layout, and the dynamo exporter spells each SE pooling out as as_strided (Shape,
+    # Range, Gather ...) instead of one mean.
+    conv.weight = nn.Parameter(weight.to(torch.float32).clone(memory_format=torch.contiguous_format))
     conv.bias = nn.Parameter(bias.to(torch.float32))
 
 

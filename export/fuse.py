@@ -96,11 +96,12 @@ def fuse_hard_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Coun
     out.CopyFrom(model)
     del out.graph.node[:]
     out.graph.node.extend(kept)
-    _drop_unused_initializers(out)
+    drop_unused(out)
     return out, fused
 
 
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+def drop_unused(model: onnx.ModelProto) -> None:
+    """Remove initializers and Constant nodes nothing reads."""
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     keep = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]

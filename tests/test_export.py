@@ -76,7 +76,8 @@ def test_ill_conditioned_let_is_kept_as_a_conv(loaded_model, eval_batch):
         assert _rel_err(folded(x).numpy(), model(x).numpy()) < 2e-5
 
 
-def test_hard_activations_are_fused_and_equal():
+@pytest.mark.parametrize("exporter,opset", [("dynamo", 18), ("torchscript", 17)])
+def test_hard_activations_are_fused_and_equal(exporter, opset):
     from scarlet_deploy.export.layers import HSigmoid, HSwish
 
     class Tiny(nn.Module):
@@ -90,7 +91,7 @@ def test_hard_activations_are_fused_and_equal():
             return y * self.gate(y.mean((2, 3), keepdim=True))
 
     m = Tiny().eval()
-    model = to_onnx(m, 17, 2)
+    model = to_onnx(m, opset, 2, exporter)
     fused, counts = fuse_hard_activations(model)
     assert counts == {"HardSwish": 1, "HardSigmoid": 1}
     assert "Div" not in op_histogram(fused) and "Clip" not in op_histogram(fused)
@@ -103,10 +104,12 @@ def test_hard_activations_are_fused_and_equal():
         np.testing.assert_allclose(out, m(torch.from_numpy(x)).numpy(), atol=1e-5)
 
 
-def test_export_is_deterministic(tmp_path, loaded_model):
+# dynamo's two exports take ~20 s; tests/test_exporters.py checks its determinism on a small network in the fast set.
+@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "torchscript"])
+def test_export_is_deterministic(tmp_path, loaded_model, exporter):
     lm = loaded_model("efficientnet_lite0")
-    a = export_model(ExportConfig("efficientnet_lite0", tmp_path / "a.onnx"), lm).output.read_bytes()
-    b = export_model(ExportConfig("efficientnet_lite0", tmp_path / "b.onnx"), lm).output.read_bytes()
+    a = export_model(ExportConfig("efficientnet_lite0", tmp_path / "a.onnx", exporter=exporter), lm).output.read_bytes()
+    b = export_model(ExportConfig("efficientnet_lite0", tmp_path / "b.onnx", exporter=exporter), lm).output.read_bytes()
     assert a == b
 
 
@@ -122,6 +125,19 @@ def test_failed_export_leaves_nothing(tmp_path, loaded_model, monkeypatch):
 
     monkeypatch.setattr(ex, "measure_parity", broken)
     with pytest.raises(ScarletError, match="nothing was written"):
+        # torchscript: the gate is the same after either exporter, and this one takes 2 s, not 10
+        export_model(ExportConfig("efficientnet_lite0", tmp_path / "x.onnx", exporter="torchscript"),
+                     loaded_model("efficientnet_lite0"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_dynamo_cannot_trace_is_an_error_naming_the_other_exporter(tmp_path, loaded_model, monkeypatch):
+    def fails(*a, **k):
+        raise RuntimeError("Dynamic control flow is not supported\nlong trace")
+
+    monkeypatch.setattr(torch.onnx, "export", fails)
+    with pytest.raises(ScarletError, match=r"dynamo exporter could not export .*RuntimeError: Dynamic control flow "
+                                           r"is not supported\).*--exporter torchscript"):
         export_model(ExportConfig("efficientnet_lite0", tmp_path / "x.onnx"), loaded_model("efficientnet_lite0"))
     assert list(tmp_path.iterdir()) == []
 
@@ -133,7 +149,10 @@ def test_fixed_batch_and_io_names(tmp_path, loaded_model):
     assert (g.input[0].name, g.output[0].name, dims) == ("input", "logits", [4, 3, 224, 224])
 
 
-@pytest.mark.parametrize("kw,needle", [({"opset": 11}, "opset"), ({"batch": "zero"}, "--batch")])
+@pytest.mark.parametrize("kw,needle", [({"opset": 11}, "opset"), ({"batch": "zero"}, "--batch"),
+                                       ({"opset": 17}, "too old for the dynamo exporter"),
+                                       ({"opset": 21, "exporter": "torchscript"}, "at most 20"),
+                                       ({"opset": 24}, "at most 23"), ({"exporter": "jit"}, "--exporter")])
 def test_bad_export_options(tmp_path, kw, needle):
     with pytest.raises(ScarletError, match=needle):
         export_model(ExportConfig("efficientnet_lite0", tmp_path / "x.onnx", **kw))

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from scarlet_deploy.runtime.core.errors import ScarletError
 
-TOOLS = ("torch", "onnx", "onnxsim", "onnxruntime", "openvino", "numpy", "opencv-python-headless", "tensorrt")
+TOOLS = ("torch", "onnx", "onnxscript", "onnxsim", "onnxruntime", "openvino", "numpy", "opencv-python-headless", "tensorrt")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
