@@ -32,11 +32,12 @@ def _manifest_or_none(path: Path) -> dict[str, Any] | None:
 def export_fp32(loaded, work: Path) -> tuple[Path, bool]:
     """work/<model>[-let].onnx from `loaded` (export.checkpoint.LoadedModel); (path, reused)."""
     from scarlet_deploy.export.onnx_export import ExportConfig, export_model
+    from scarlet_deploy.export.opsets import DEFAULT_EXPORTER
 
     path = work / f"{stem(loaded.name, loaded.let)}.onnx"
     m = _manifest_or_none(path)
     if m and m.get("checkpoint_sha256") == loaded.checkpoint_sha256 and m.get("let") == loaded.let \
-            and m.get("model") == loaded.name and m.get("batch") == "dynamic":
+            and m.get("model") == loaded.name and m.get("batch") == "dynamic" and m.get("exporter") == DEFAULT_EXPORTER:
         return path, True
     export_model(ExportConfig(model=loaded.name, output=path, let=loaded.let), loaded)
     return path, False
