@@ -17,6 +17,7 @@ import torch
 
 from scarlet_deploy.export.checkpoint import LoadedModel
 from scarlet_deploy.runtime.core.artifacts import manifest_path
+from scarlet_deploy.runtime.runners.base import Runner
 from scarlet_deploy.runtime.verify import config as vcfg
 from scarlet_deploy.runtime.verify import run as vrun
 
@@ -148,18 +149,20 @@ def test_a_cached_reference_is_reused_only_by_the_same_torch(tmp_path, loaded, f
     assert len([p for p in (tmp_path / "cache" / "reference").iterdir() if not p.name.startswith(".")]) == 2
 
 
-class _Interrupt:
-    """A runner wrapper that raises KeyboardInterrupt (Ctrl-C) on its `at`-th batch."""
+class _Interrupt(Runner):
+    """A runner wrapper that raises KeyboardInterrupt (Ctrl-C) on its `at`-th batch; one stream, so bulk
+    work reaches `infer` batch by batch as well."""
 
     def __init__(self, runner, at: int):
         self.runner, self.at, self.calls = runner, at, 0
+        self.name, self.kind = runner.name, runner.kind
 
-    def __enter__(self):
-        self.runner.__enter__()
+    def load(self):
+        self.runner.load()
         return self
 
-    def __exit__(self, *exc):
-        return self.runner.__exit__(*exc)
+    def close(self):
+        self.runner.close()
 
     def infer(self, x):
         self.calls += 1
