@@ -141,12 +141,12 @@ def _split(cfg: DeployConfig, images: Path):
     from scarlet_deploy.calib import images as calib_images
 
     need = cfg.num_calib + cfg.num_select + max(cfg.min_verify, cfg.golden)
-    split = calib_images.split_images(images, cfg.num_calib, cfg.seed, None, cfg.max_verify, cfg.num_select) \
-        if _count(images) >= need else None
-    if split is None:
-        raise ScarletError(f"{images} holds {_count(images)} images; deploy needs at least {need}: {cfg.num_calib} to "
+    have = _count(images)
+    if have < need:
+        raise ScarletError(f"{images} holds {have} images; deploy needs at least {need}: {cfg.num_calib} to "
                            f"calibrate, {cfg.num_select} to select with and {max(cfg.min_verify, cfg.golden)} to verify "
                            "on, three disjoint sets. Pass --images with more images, or lower --num-calib/--num-select.")
+    split = calib_images.split_images(images, cfg.num_calib, cfg.seed, None, cfg.max_verify, cfg.num_select)
     split = calib_images.readable(split)
     if len(split.eval) < max(cfg.min_verify, cfg.golden):
         raise ScarletError(f"only {len(split.eval)} verification images of {images} are readable; deploy needs "
@@ -202,8 +202,13 @@ def deploy(cfg: DeployConfig) -> DeployResult:
 
     labels = np.array(split.eval_labels, np.int64)
     labels = labels if len(labels) and (labels >= 0).all() else None
-    pixels = [decode_rgb(p) for p in tqdm(split.eval, desc="reading verification images", unit="img", leave=False)]
-    x = np.stack([reference_pixels(p, pre) for p in pixels])
+    x = np.empty((len(split.eval), 3, pre.crop, pre.crop), np.float32)
+    pixels = []  # decoded pixels of the golden images only: a thousand decoded photos would be ~0.5 GB
+    for i, f in enumerate(tqdm(split.eval, desc="reading verification images", unit="img", leave=False)):
+        rgb = decode_rgb(f)
+        x[i] = reference_pixels(rgb, pre)
+        if i < cfg.golden:
+            pixels.append(rgb)
     with open_runner("torch", module=loaded.model, threads=cfg.threads) as torch_runner:
         ref = golden.batches(torch_runner, x, cfg.batch)
 
@@ -240,7 +245,7 @@ def deploy(cfg: DeployConfig) -> DeployResult:
                   "min_agreement": _golden_gate(cfg, ref[:cfg.golden], deploy_logits)}
     from scarlet_deploy.runtime.deploy import package
 
-    pkg = package.write(cfg, chosen, data, pixels[:cfg.golden], split, labels, pre, ref[:cfg.golden], deploy_logits,
+    pkg = package.write(cfg, chosen, data, pixels, split, labels, pre, ref[:cfg.golden], deploy_logits,
                         thresholds, fp32)
     data["seconds"] = round(time.perf_counter() - t0, 1)
     return DeployResult(chosen.candidate.name, rows, data, pkg, time.perf_counter() - t0)
