@@ -11,19 +11,24 @@ def _batch(text: str) -> str:
     return text if text == "dynamic" else str(cli_types.positive_int(text))
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def _exporter_args(p: argparse.ArgumentParser) -> None:
     from scarlet_deploy.export.opsets import DEFAULT_EXPORTER, EXPORTERS, MAX_OPSET, MIN_OPSET, OPSETS
+
+    p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
+                   help="dynamo (torch.export, default) or torchscript (deprecated by PyTorch; the reference dynamo "
+                        "is checked against)")
+    p.add_argument("--opset", type=cli_types.int_range(MIN_OPSET, MAX_OPSET), default=None,
+                   help="ONNX opset; " + "; ".join(f"{e}: {lo}-{hi}, default {d}" for e, (lo, hi, d) in OPSETS.items()))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
     from scarlet_deploy.export.registry import MODELS
 
     p = sub.add_parser("export", help="export one model to simplified ONNX (+ manifest)")
     p.add_argument("--model", required=True, choices=sorted(MODELS))
     p.add_argument("--let", action="store_true", help="the network with a LET in every identity slot")
     p.add_argument("--checkpoint", type=cli_types.input_file(".pth", as_path=False), help="PyTorch checkpoint (.pth/.pth.tar); default: shipped or seeded weights")
-    p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
-                   help="dynamo (torch.export, default) or torchscript (deprecated by PyTorch; the reference dynamo "
-                        "is checked against)")
-    p.add_argument("--opset", type=cli_types.int_range(MIN_OPSET, MAX_OPSET), default=None,
-                   help="ONNX opset; " + "; ".join(f"{e}: {lo}-{hi}, default {d}" for e, (lo, hi, d) in OPSETS.items()))
+    _exporter_args(p)
     p.add_argument("--batch", type=_batch, default="dynamic", help="'dynamic' (default) or a fixed batch size")
     p.add_argument("--seed", type=cli_types.seed, default=0, help="seed for weights when no checkpoint is given")
     p.add_argument("-o", "--output", required=True, type=Path)
@@ -33,11 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", default=["scarlet_a", "scarlet_b", "scarlet_c"], choices=sorted(MODELS))
     p.add_argument("--let", action="store_true")
     p.add_argument("--checkpoint", type=cli_types.input_file(".pth", as_path=False), help="only with a single model")
-    p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
-                   help="dynamo (torch.export, default) or torchscript (deprecated by PyTorch; the reference dynamo "
-                        "is checked against)")
-    p.add_argument("--opset", type=cli_types.int_range(MIN_OPSET, MAX_OPSET), default=None,
-                   help="ONNX opset; " + "; ".join(f"{e}: {lo}-{hi}, default {d}" for e, (lo, hi, d) in OPSETS.items()))
+    _exporter_args(p)
     p.add_argument("--out-dir", type=Path, default=Path("build"))
     p.set_defaults(func=run_export_all)
 
