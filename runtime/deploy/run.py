@@ -266,7 +266,8 @@ def _build_all(cfg: DeployConfig, rows: list[Row], loaded, fp32: Path, images: P
         need_int8.add("trt")  # TensorRT builds its INT8 plan from the trt-target Q/DQ ONNX
     settings = {t: build.Int8Settings(t, cfg.num_calib, cfg.num_select, cfg.seed, str(Path(images).resolve()), trained,
                                       cfg.gates.max_top1_drop if trained else None,
-                                      cfg.gates.min_agreement if trained else None) for t in need_int8}
+                                      cfg.gates.min_agreement if trained else None,
+                                      prune_search=t != "ov") for t in need_int8}
     built_int8 = {t: build.int8_current(fp32, s) for t, s in settings.items()}
     bench = None
     for r in rows:
