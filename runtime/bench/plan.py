@@ -118,15 +118,6 @@ def _engine_for(model: str, precision: str, cfg: BenchConfig) -> Path:
     return cfg.build_dir / f"{model}.{precision}.plan"
 
 
-def trt_unavailable() -> str | None:
-    """Why TensorRT backends cannot run here, or None when they can."""
-    try:
-        from scarlet_deploy.runtime.runners.trt import require_gpu
-
-        require_gpu()
-    except ScarletError as e:
-        return str(e).rstrip(".")
-    return None
 
 
 # The calibration target whose Q/DQ ONNX each INT8 backend runs: the one made for its runtime
@@ -151,6 +142,8 @@ def plan_model(model: str, cfg: BenchConfig, loaded=None) -> ModelPlan:
             read_io(path)
     arts: dict[str, Artifact] = {}
     skipped: dict[str, str] = {}
+    from scarlet_deploy.runtime.runners.trt import trt_unavailable
+
     trt_reason = trt_unavailable() if any(b.startswith("trt-") for b in cfg.backends) else None
     for b in cfg.backends:
         why_not = ov_unavailable(b) if b in OV_BACKENDS else \

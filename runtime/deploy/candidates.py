@@ -69,15 +69,7 @@ def unavailable(c: Candidate) -> str | None:
 
         return ov_unavailable(c.name)
     if c.runtime == "tensorrt":
-        try:
-            from scarlet_deploy.runtime.runners.trt import require_gpu
+        from scarlet_deploy.runtime.runners.trt import trt_unavailable
 
-            require_gpu()
-        except ScarletError as e:
-            return str(e).rstrip(".")
-        return None
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as e:
-        return f"onnxruntime is not installed ({e})"
-    return None
+        return trt_unavailable()
+    return None  # onnxruntime is a dependency of the package itself

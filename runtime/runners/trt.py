@@ -96,6 +96,15 @@ def require_gpu(device: int = 0) -> RuntimeInfo:
 
 # ----------------------------------------------------------------------------- manifest checks
 
+
+def trt_unavailable() -> str | None:
+    """Why TensorRT backends cannot run here, or None when they can: a skip reason, never an error."""
+    try:
+        require_gpu()
+    except ScarletError as e:
+        return str(e).rstrip(".")
+    return None
+
 def plan_compatibility(manifest: dict[str, Any], current: RuntimeInfo) -> list[str]:
     """Why a plan cannot run here (empty list: it can). Reads only the manifest and the running versions.
 
