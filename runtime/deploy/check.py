@@ -26,6 +26,8 @@ DEPLOY_JSON = "deploy.json"
 
 
 def sha256(path: Path) -> str:
+    # Not artifacts.sha256_file: its cache trusts inode, size and mtime, which an in-place edit that
+    # restores the mtime keeps; an integrity check reads the bytes every time.
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -65,12 +67,20 @@ def integrity(root: Path) -> list[str]:
         p = root / name
         if not p.is_file():
             problems.append(f"{name} is missing")
-        elif sha256(p) != digest:
-            problems.append(f"{name} was changed (sha256 {sha256(p)[:16]}..., expected {digest[:16]}...)")
+        elif (got := sha256(p)) != digest:
+            problems.append(f"{name} was changed (sha256 {got[:16]}..., expected {digest[:16]}...)")
     for needed in (DEPLOY_JSON, golden.PIXELS, golden.REFERENCE, golden.DEPLOYED, golden.THRESHOLDS, golden.PREPROCESS):
         if needed not in sums:
             problems.append(f"{needed} is not listed in {SUMS}")
     return problems
+
+
+def require_intact(root: Path) -> None:
+    """A ScarletError naming every changed or missing file, for whatever reads a package (check, serve)."""
+    problems = integrity(root)
+    if problems:
+        raise ScarletError(f"package {root} is not what `scarlet deploy` wrote: {'; '.join(problems)}. "
+                           "Copy it again from the original, or make it again with `scarlet deploy`.")
 
 
 @dataclass
@@ -149,10 +159,7 @@ def check_package(root: str | Path, server: str | None = None, threads: int | No
     """Integrity first (ScarletError: unusable), then the golden images here or on `server`."""
     t0 = time.perf_counter()
     root = Path(root)
-    problems = integrity(root)
-    if problems:
-        raise ScarletError(f"package {root} is not what `scarlet deploy` wrote: {'; '.join(problems)}. "
-                           "Copy it again from the original, or make it again with `scarlet deploy`.")
+    require_intact(root)
     pkg = read_deploy(root)["package"]
     x, ref, dep, thresholds = golden.load(root)
     res = CheckResult(str(root), server or "here", pkg["backend"], pkg["artifact"])

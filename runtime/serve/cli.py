@@ -82,15 +82,12 @@ def _package_args(args: argparse.Namespace) -> None:
         if not args.onnx:
             raise ScarletError("pass --onnx MODEL.onnx (or --package DIR for a `scarlet deploy` package).")
         return
-    from scarlet_deploy.runtime.deploy.check import integrity, read_deploy
+    from scarlet_deploy.runtime.deploy.check import read_deploy, require_intact
 
     if args.onnx or args.engine:
         raise ScarletError("--package serves the package's own artifact; drop --onnx/--engine.")
     root = Path(args.package)
-    problems = integrity(root)
-    if problems:
-        raise ScarletError(f"package {root} is not what `scarlet deploy` wrote: {'; '.join(problems)}. "
-                           "Copy it again or make it again with `scarlet deploy`.")
+    require_intact(root)
     pkg = read_deploy(root)["package"]
     if pkg.get("runtime") == "tensorrt":
         raise ScarletError(f"{root} holds a TensorRT plan: serve it on the GPU machine with "
