@@ -49,7 +49,7 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it
     os.umask(mask)
     return mask
@@ -106,7 +106,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         # mkstemp creates 0600; an artifact is for others too (a Triton server, a CI job), as open() would make it.
-        os.chmod(tmp_path, 0o666 & ~_umask())
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)

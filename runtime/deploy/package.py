@@ -78,7 +78,7 @@ RUNTIME_SNIPPETS = {
 def write(cfg, chosen, data: dict[str, Any], pixels: list[np.ndarray], split, labels, pre, ref: np.ndarray,
           deployed: np.ndarray, thresholds: dict[str, Any], fp32: Path) -> Path:
     from scarlet_deploy.calib.images import relative_names
-    from scarlet_deploy.runtime.core.artifacts import manifest_path
+    from scarlet_deploy.runtime.core.artifacts import current_umask, manifest_path
     from scarlet_deploy.runtime.deploy import report
     from scarlet_deploy.runtime.serve.repository import ExportRequest, write_triton_repository
 
@@ -87,7 +87,7 @@ def write(cfg, chosen, data: dict[str, Any], pixels: list[np.ndarray], split, la
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
     try:
         # mkdtemp makes 0700; a package is for others too (a Triton server, a CI job), as mkdir would make it
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         c = chosen.candidate
         artifact = Path(chosen.artifact)
         shutil.copyfile(artifact, tmp / artifact.name)
@@ -120,12 +120,6 @@ def write(cfg, chosen, data: dict[str, Any], pixels: list[np.ndarray], split, la
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace(tmp: Path, out: Path) -> None:

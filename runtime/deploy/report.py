@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -174,7 +173,3 @@ def summary(d: dict[str, Any], package: Path | None) -> str:
     else:
         lines.append("no candidate passed its gates: no package written (see the report for each verdict)")
     return "\n".join(lines)
-
-
-def loads(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

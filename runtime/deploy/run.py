@@ -209,13 +209,12 @@ def deploy(cfg: DeployConfig) -> DeployResult:
         x[i] = reference_pixels(rgb, pre)
         if i < cfg.golden:
             pixels.append(rgb)
-    with open_runner("torch", module=loaded.model, threads=cfg.threads) as torch_runner:
-        ref = golden.batches(torch_runner, x, cfg.batch)
+    torch_runner = open_runner("torch", module=loaded.model, threads=cfg.threads).load()  # reference, then timed
+    ref = golden.batches(torch_runner, x, cfg.batch)
 
     _build_all(cfg, rows, loaded, fp32, images, trained)
     runners = _verify_all(cfg, rows, x, ref, labels, trained)
     try:
-        torch_runner = open_runner("torch", module=loaded.model, threads=cfg.threads).load()
         torch_speed = _time_all(cfg, rows, runners, torch_runner)
         contenders = [decide.Contender(r.candidate.name, r.candidate.precision, i, r.status == "passed",
                                        r.speed["rounds"] if r.speed else [])
@@ -229,7 +228,7 @@ def deploy(cfg: DeployConfig) -> DeployResult:
         if chosen is not None:
             deploy_logits = golden.batches(runners[chosen.candidate.name], x[:cfg.golden], cfg.batch)
     finally:
-        for r in runners.values():
+        for r in [*runners.values(), torch_runner]:
             r.close()
 
     from scarlet_deploy.runtime.deploy import report as report_mod
